@@ -1,0 +1,62 @@
+# falco-talon: the two commands a newcomer needs are `make run` and `make test`.
+# Everything else here is what those two call. Python deps come from uv.lock, exactly.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(PYTHON) -m uv
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
+
+.PHONY: help install run test lint typecheck unit bench schemas fmt clean
+
+help:
+	@echo "make run    - install, then serve examples/ (dry run) on 127.0.0.1:2803"
+	@echo "make test   - install, then lint, type-check, layering, schemas, tests"
+	@echo "make bench  - throughput/latency/memory numbers as JSON"
+	@echo "make schemas - regenerate schemas/ from the code"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+	$(UV) sync --frozen --quiet
+	@rm -f $(VENV)/.installed-* && touch $@
+
+run: install
+	@echo "falco-talon on http://127.0.0.1:2803 (dry run: no Kubernetes actionner is implemented yet)."
+	@echo "In another terminal, send the sample Falco event:"
+	@echo "  curl -s -XPOST http://127.0.0.1:2803/ -H 'Content-Type: application/json' -d @examples/event.json"
+	@echo "and see what it would do without a server:"
+	@echo "  $(BIN)/falco-talon explain -r examples/rules.yaml --event examples/event.json"
+	$(BIN)/falco-talon server -c examples/config.yaml -r examples/rules.yaml
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/falco-talon schemas --check
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+bench: install
+	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null 2>&1)) || \
+		echo "wrk not installed: using bench/loadgen.py"; }
+	$(BIN)/python bench/bench.py
+
+schemas: install
+	$(BIN)/falco-talon schemas
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,145 @@
+"""The actionner registry: declarations of what each actionner is, needs and accepts.
+
+Position in the flow: the engine reads this registry; actionner modules fill it.
+Nothing here imports the engine's machinery, only its contract (event model, results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.event import FalcoEvent
+from engine.results import ActionResult, Target
+
+
+@dataclass(frozen=True, slots=True)
+class RbacRule:
+    """One Kubernetes RBAC policy rule an actionner needs (as in a ClusterRole)."""
+
+    api_groups: tuple[str, ...]
+    resources: tuple[str, ...]
+    verbs: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {
+            "apiGroups": list(self.api_groups),
+            "resources": list(self.resources),
+            "verbs": list(self.verbs),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """What an actionner's ``run`` receives for one step of one event."""
+
+    event: FalcoEvent
+    rule: str
+    """The talon rule that asked for this action."""
+    parameters: Mapping[str, Any]
+    """The rule's ``action.parameters``, with the actionner's defaults filled in."""
+    target: Target
+    """The pod the event is about, when the event says (``k8s.pod.name``/``k8s.ns.name``)."""
+
+
+RunFunc = Callable[[ActionContext], Awaitable[ActionResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionnerSpec:
+    """The declaration of one actionner. Immutable: the registry hands the same one to everyone."""
+
+    name: str
+    """``category:action``, as rules name it in ``action.name``."""
+    description: str
+    run: RunFunc
+    continue_: bool = True
+    """Default of the rule's ``continue`` when the rule does not say."""
+    before: bool = False
+    """Default of the rule's ``before`` when the rule does not say."""
+    parameters: Mapping[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False}
+    )
+    """JSON Schema (draft 2020-12) of ``action.parameters``."""
+    rbac: tuple[RbacRule, ...] = ()
+    """The Kubernetes permissions ``run`` needs."""
+
+    @property
+    def category(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    def defaults(self) -> dict[str, Any]:
+        """Parameter defaults declared in the schema."""
+        props = self.parameters.get("properties", {})
+        return {k: v["default"] for k, v in props.items() if "default" in v}
+
+
+class ActionnerRegistry:
+    """Actionners by name. Modules register into :data:`ACTIONNERS`; tests build their own."""
+
+    def __init__(self, specs: tuple[ActionnerSpec, ...] = ()) -> None:
+        self._specs: dict[str, ActionnerSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: ActionnerSpec) -> ActionnerSpec:
+        if ":" not in spec.name:
+            raise ValueError(f"actionner name {spec.name!r} must be 'category:action'")
+        if spec.name in self._specs:
+            raise ValueError(f"actionner {spec.name!r} is registered twice")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> ActionnerSpec | None:
+        return self._specs.get(name)
+
+    def __getitem__(self, name: str) -> ActionnerSpec:
+        return self._specs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[ActionnerSpec]:
+        return iter(sorted(self._specs.values(), key=lambda s: s.name))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def copy(self) -> ActionnerRegistry:
+        return ActionnerRegistry(tuple(self._specs.values()))
+
+
+ACTIONNERS = ActionnerRegistry()
+"""The process-wide registry the built-in and installed actionner modules fill."""
+
+
+def actionner(
+    name: str,
+    *,
+    description: str,
+    continue_: bool = True,
+    before: bool = False,
+    parameters: Mapping[str, Any] | None = None,
+    rbac: tuple[RbacRule, ...] = (),
+    registry: ActionnerRegistry | None = None,
+) -> Callable[[RunFunc], RunFunc]:
+    """Register the decorated ``async def run(ctx) -> ActionResult`` as actionner ``name``."""
+
+    def decorate(run: RunFunc) -> RunFunc:
+        kwargs: dict[str, Any] = {}
+        if parameters is not None:
+            kwargs["parameters"] = parameters
+        spec = ActionnerSpec(
+            name=name,
+            description=description,
+            run=run,
+            continue_=continue_,
+            before=before,
+            rbac=rbac,
+            **kwargs,
+        )
+        (registry if registry is not None else ACTIONNERS).add(spec)
+        return run
+
+    return decorate

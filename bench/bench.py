@@ -1,0 +1,350 @@
+"""``make bench``: falco-talon's throughput and latency on this machine, printed as JSON.
+
+Not a test: numbers go in notes and the README, targets are compared, nothing asserts.
+
+* matching: events/s and p50/p99 per-event match time for 10, 100 and 1,000 rules, rules
+  that name Falco rules and rules that match only on priority/tags/output_fields;
+* dry-run end to end through the state machine (no HTTP);
+* HTTP ingest: a load generator in another process (wrk if installed, else bench/loadgen.py)
+  with 50 concurrent connections against ``falco-talon server`` in dry-run;
+* memory: peak RSS, and RSS after 100,000 events (growth shows a leak).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.event import FalcoEvent, decode_event  # noqa: E402
+from engine.matcher import Matcher  # noqa: E402
+from engine.pipeline import Pipeline  # noqa: E402
+from engine.plugins import load_plugins  # noqa: E402
+from engine.rules import RuleSet, RulesLoader  # noqa: E402
+
+PRIORITIES = [
+    "Debug",
+    "Informational",
+    "Notice",
+    "Warning",
+    "Error",
+    "Critical",
+    "Alert",
+    "Emergency",
+]
+ACTIONS = ["kubernetes:labelize", "kubernetes:networkpolicy", "kubernetes:terminate"]
+EXAMPLE = json.loads((ROOT / "examples" / "event.json").read_text())
+
+
+def named_rules(n: int) -> str:
+    out = []
+    for i in range(n):
+        out.append(
+            f"- name: named {i}\n  match:\n    rules: ['Falco rule {i}']\n"
+            f"    priority: '>={PRIORITIES[i % 4]}'\n"
+            f"    output_fields: ['k8s.ns.name!=kube-system']\n"
+            f"  action: {{name: {ACTIONS[i % 3]}"
+            + (", parameters: {labels: {suspicious: 'true'}}}" if i % 3 == 0 else "}")
+            + "\n"
+        )
+    return "".join(out)
+
+
+def unnamed_rules(n: int) -> str:
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            match = f"output_fields: ['k8s.ns.name=ns{i % 50}, proc.name!=bash']"
+        elif kind == 1:
+            match = f"tags: ['tag{i % 40}, container', 'mitre_{i % 7}']"
+        elif kind == 2:
+            match = f"priority: '>={PRIORITIES[i % 8]}'\n    tags: ['tag{i % 40}']"
+        else:
+            match = (
+                f"priority: '>={PRIORITIES[i % 8]}'\n"
+                f"    output_fields: ['k8s.ns.name!=kube-system, container.id!=host{i}']"
+            )
+        out.append(
+            f"- name: unnamed {i}\n  match:\n    {match}\n"
+            f"  action: {{name: kubernetes:networkpolicy}}\n"
+        )
+    return "".join(out)
+
+
+def make_events(count: int, n_rules: int, seed: int = 7) -> list[FalcoEvent]:
+    rnd = random.Random(seed)
+    events = []
+    for _ in range(count):
+        data = json.loads(json.dumps(EXAMPLE))
+        data["rule"] = f"Falco rule {rnd.randrange(n_rules * 2)}"
+        data["priority"] = rnd.choice(PRIORITIES)
+        data["output_fields"]["k8s.ns.name"] = f"ns{rnd.randrange(60)}"
+        data["tags"] = [f"tag{rnd.randrange(50)}", "container", f"mitre_{rnd.randrange(10)}"]
+        data.pop("uuid", None)
+        events.append(decode_event(json.dumps(data).encode()))
+    return events
+
+
+def load(text: str) -> RuleSet:
+    actionners, notifiers = load_plugins()
+    return RulesLoader(actionners, notifiers).load_texts([("bench.yaml", text)])
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+def bench_matching() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, make in (("named", named_rules), ("unnamed", unnamed_rules)):
+        for n in (10, 100, 1000):
+            matcher = Matcher(load(make(n)))
+            events = make_events(5000, n)
+            for e in events[:500]:
+                matcher.match(e)  # warm the per-event field caches like the server would not
+            events = make_events(5000, n, seed=n)
+            times = []
+            matched = 0
+            clock = time.perf_counter
+            start = clock()
+            for e in events:
+                t0 = clock()
+                matched += len(matcher.match(e))
+                times.append(clock() - t0)
+            total = clock() - start
+            out[f"{kind}_{n}"] = {
+                "events_per_s": round(len(events) / total),
+                "p50_us": round(percentile(times, 0.5) * 1e6, 2),
+                "p99_us": round(percentile(times, 0.99) * 1e6, 2),
+                "avg_matched_rules": round(matched / len(events), 2),
+            }
+    return out
+
+
+async def _dry_run(events: list[FalcoEvent], ruleset: RuleSet) -> float:
+    actionners, _ = load_plugins()
+    pipeline = Pipeline(ruleset, actionners, dry_run=True)
+    start = time.perf_counter()
+    for e in events:
+        await pipeline.process(e)
+    return time.perf_counter() - start
+
+
+def bench_dry_run() -> dict[str, Any]:
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    ruleset = RulesLoader(*load_plugins()).load([ROOT / "examples" / "rules.yaml"])
+    events = make_events(20000, 10)
+    for e in events:
+        e.rule = "Terminal shell in container"
+    total = asyncio.run(_dry_run(events, ruleset))
+    return {
+        "events_per_s": round(len(events) / total),
+        "us_per_event": round(total / len(events) * 1e6, 1),
+        "steps_per_event": 4,
+    }
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_memory() -> dict[str, Any]:
+    ruleset = RulesLoader(*load_plugins()).load([ROOT / "examples" / "rules.yaml"])
+    base = make_events(1000, 10)
+    for e in base:
+        e.rule = "Terminal shell in container"
+
+    async def go() -> dict[str, int]:
+        actionners, _ = load_plugins()
+        pipeline = Pipeline(ruleset, actionners, dry_run=True)
+        marks = {}
+        for i in range(100_000):
+            src = base[i % len(base)]
+            event = FalcoEvent(
+                rule=src.rule,
+                priority=src.priority,
+                output_fields=dict(src.output_fields),
+                tags=src.tags,
+            )
+            await pipeline.process(event)
+            if i + 1 in (10_000, 100_000):
+                marks[f"rss_kib_after_{i + 1}"] = rss_kib()
+        return marks
+
+    marks = asyncio.run(go())
+    marks["growth_kib_10k_to_100k"] = marks["rss_kib_after_100000"] - marks["rss_kib_after_10000"]
+    return marks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LOGFORMAT": "json",
+        "LOGLEVEL": "warning",
+        "WATCHRULES": "false",
+        "QUEUESIZE": "10000",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "server",
+            "-c",
+            str(ROOT / "examples" / "config.yaml"),
+            "-r",
+            str(ROOT / "examples" / "rules.yaml"),
+            "--listen-port",
+            str(port),
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_port(port)
+        wrk = shutil.which("wrk")
+        if wrk:
+            result = _wrk(wrk, port, seconds, connections)
+        else:
+            result = _loadgen(port, seconds, connections)
+    finally:
+        server.terminate()
+        server.wait(30)
+    result["server_peak_rss_kib"] = None
+    return result
+
+
+def _wait_port(port: int) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def _wrk(wrk: str, port: int, seconds: int, connections: int) -> dict[str, Any]:
+    body = (ROOT / "examples" / "event.json").read_text()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+        f.write(f"wrk.body = {json.dumps(body)}\n")
+        f.write(
+            "done = function(summary, latency, requests)\n"
+            '  io.write(string.format(\'JSON {"requests": %d, "non2xx": %d, '
+            '"p50_us": %d, "p99_us": %d, "errors": %d}\\n\', summary.requests, '
+            "summary.errors.status, latency:percentile(50), latency:percentile(99), "
+            "summary.errors.connect + summary.errors.read + summary.errors.write + "
+            "summary.errors.timeout))\nend\n"
+        )
+        script = f.name
+    proc = subprocess.run(
+        [
+            wrk,
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            script,
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    os.unlink(script)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("JSON "))
+    data = json.loads(line[5:])
+    return {
+        "tool": "wrk",
+        "connections": connections,
+        "seconds": seconds,
+        "requests_per_s": round(data["requests"] / seconds),
+        "p50_ms": round(data["p50_us"] / 1000, 2),
+        "p99_ms": round(data["p99_us"] / 1000, 2),
+        "non_2xx": data["non2xx"],
+        "socket_errors": data["errors"],
+    }
+
+
+def _loadgen(port: int, seconds: int, connections: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "loadgen.py"),
+            f"http://127.0.0.1:{port}/",
+            str(seconds),
+            str(connections),
+            str(ROOT / "examples" / "event.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {"tool": "bench/loadgen.py", **json.loads(proc.stdout)}
+
+
+def main() -> None:
+    which = sys.argv[1:] or ["matching", "dry_run", "ingest", "memory"]
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    }
+    if "matching" in which:
+        results["matching"] = bench_matching()
+    if "dry_run" in which:
+        results["dry_run"] = bench_dry_run()
+    if "ingest" in which:
+        results["ingest"] = bench_ingest()
+    if "memory" in which:
+        results["memory"] = bench_memory()
+        results["memory"]["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results["targets"] = {
+        "matching named_1000 >= 50000/s": results.get("matching", {})
+        .get("named_1000", {})
+        .get("events_per_s", 0)
+        >= 50000,
+        "matching unnamed_1000 >= 5000/s": results.get("matching", {})
+        .get("unnamed_1000", {})
+        .get("events_per_s", 0)
+        >= 5000,
+        "dry run >= 2000/s": results.get("dry_run", {}).get("events_per_s", 0) >= 2000,
+        "ingest >= 5000/s, p99 < 20 ms": (
+            results.get("ingest", {}).get("requests_per_s", 0) >= 5000
+            and results.get("ingest", {}).get("p99_ms", 1e9) < 20
+        ),
+    }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

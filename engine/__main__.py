@@ -1,0 +1,5 @@
+"""``python -m engine`` is ``falco-talon``."""
+
+from engine.cli import main
+
+main()

@@ -1,0 +1,417 @@
+"""The ``falco-talon`` command line: the composition root.
+
+Position in the flow: builds everything (settings, registries, rules, pipeline, server)
+and starts it; ``check`` and ``explain`` reuse the same loaders without a cluster.
+Exit codes: 0 success, 1 invalid input (rules, config, event), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from engine import __version__
+from engine.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_RULES,
+    Settings,
+    check_notifiers,
+    load_settings,
+    notifier_settings,
+    redacted,
+)
+from engine.errors import ConfigError
+from engine.event import EventError, load_event
+from engine.plugins import load_plugins
+from engine.rules import RulesInvalid, RulesLoader
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("falco_talon")
+
+
+def _common(func: F) -> F:
+    """``-c/--config`` and ``-r/--rules`` on every command (also accepted before it)."""
+    func = click.option(
+        "-r",
+        "--rules",
+        "rules",
+        multiple=True,
+        type=click.Path(),
+        help=f"Rules file or directory; repeat for several, in order. "
+        f"[default: rulesFile from the config, else {DEFAULT_RULES}]",
+    )(func)
+    func = click.option(
+        "-c",
+        "--config",
+        "config",
+        type=click.Path(),
+        help=f"Config file. [default: {DEFAULT_CONFIG}, if it exists]",
+    )(func)
+    return func
+
+
+def _merged(
+    ctx: click.Context, config: str | None, rules: tuple[str, ...]
+) -> tuple[str | None, tuple[str, ...]]:
+    parent = ctx.find_root().params
+    return config or parent.get("config"), rules or tuple(parent.get("rules") or ())
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@_common
+@click.version_option(__version__, "--version", prog_name="falco-talon")
+def cli(config: str | None, rules: tuple[str, ...]) -> None:
+    """falco-talon: a response engine for Falco.
+
+    Receives Falco events over HTTP, matches them against YAML rules and reacts
+    (terminate, label, isolate, exec), then notifies.
+    """
+
+
+# -- server -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@_common
+@click.option("--dry-run", is_flag=True, default=None, help="Plan every action, run none (dryRun).")
+@click.option("--listen-address", default=None, help="Overrides listenAddress.")
+@click.option("--listen-port", type=int, default=None, help="Overrides listenPort.")
+@click.pass_context
+def server(
+    ctx: click.Context,
+    config: str | None,
+    rules: tuple[str, ...],
+    dry_run: bool | None,
+    listen_address: str | None,
+    listen_port: int | None,
+) -> None:
+    """Run the HTTP server that receives Falco events."""
+    config, rules = _merged(ctx, config, rules)
+    overrides: dict[str, Any] = {}
+    if rules:
+        overrides["rulesFile"] = list(rules)
+    if dry_run:
+        overrides["dryRun"] = True
+    if listen_address is not None:
+        overrides["listenAddress"] = listen_address
+    if listen_port is not None:
+        overrides["listenPort"] = listen_port
+    _, notifiers = load_plugins()
+    try:
+        settings = load_settings(config, notifiers, overrides=overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from observability.logging import setup_logging
+
+    setup_logging(settings.logging.format, settings.logging.level.upper())
+    try:
+        asyncio.run(_serve(settings))
+    except (ConfigError, RulesInvalid) as exc:
+        _fail(str(exc))
+
+
+async def _serve(settings: Settings) -> None:
+    from engine.notify import DeliveryPolicy, Dispatcher
+    from engine.pipeline import Pipeline
+    from engine.reload import RulesWatcher
+    from engine.server import Service, serve
+
+    actionners, notifiers = load_plugins()
+    loader = RulesLoader(actionners, notifiers)
+    ruleset = loader.load(settings.rules.files)
+    used = {n for r in ruleset.rules for n in r.notifiers}
+    check_notifiers(settings, notifiers, used)
+    log.info(
+        "effective configuration",
+        extra={"fields": {"config": json.dumps(redacted(settings, notifiers), default=str)}},
+    )
+    n = settings.notifications
+    dispatcher = Dispatcher(
+        notifiers,
+        notifier_settings(settings, notifiers),
+        DeliveryPolicy(timeout=n.timeout, attempts=n.attempts),
+    )
+    pipeline = Pipeline(
+        ruleset,
+        actionners,
+        dispatcher=dispatcher,
+        default_notifiers=tuple(n.default_notifiers),
+        dry_run=settings.actions.dry_run,
+        action_timeout=settings.actions.timeout,
+    )
+    watcher = None
+    if settings.rules.watch:
+        watcher = RulesWatcher(settings.rules.files, loader, ruleset, pipeline.set_rules)
+    s = settings.server
+    service = Service(
+        pipeline,
+        queue_size=s.queue_size,
+        workers=s.workers,
+        max_body_size=s.max_body_size,
+        shutdown_timeout=s.shutdown_timeout,
+        watcher=watcher,
+    )
+    await serve(service, s.listen_address, s.listen_port)
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@_common
+@click.pass_context
+def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> None:
+    """Validate rules files (and the config, when -c is given); no cluster needed.
+
+    Prints every problem as FILE:LINE:COLUMN: message (at JSON path) and exits 1,
+    or exits 0 when everything is valid.
+    """
+    config, rules = _merged(ctx, config, rules)
+    actionners, notifiers = load_plugins()
+    settings = None
+    if config is not None:
+        try:
+            settings = load_settings(config, notifiers)
+        except ConfigError as exc:
+            _fail(str(exc))
+    paths = list(rules) or (settings.rules.files if settings else [DEFAULT_RULES])
+    try:
+        ruleset = RulesLoader(actionners, notifiers).load(paths)
+    except RulesInvalid as exc:
+        _fail(str(exc))
+    if settings is not None:
+        try:
+            check_notifiers(settings, notifiers, {n for r in ruleset.rules for n in r.notifiers})
+        except ConfigError as exc:
+            _fail(str(exc))
+    click.echo(f"{len(ruleset.rules)} rule(s) in {len(ruleset.files)} file(s): valid")
+
+
+# -- explain -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@_common
+@click.option(
+    "--event",
+    "event_file",
+    required=True,
+    type=click.File("rb"),
+    help="File holding a Falco event as JSON, or - for standard input.",
+)
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.pass_context
+def explain(
+    ctx: click.Context, config: str | None, rules: tuple[str, ...], event_file: Any, output: str
+) -> None:
+    """Show what would happen to an event, touching nothing."""
+    from engine.explain import explain as run_explain
+    from engine.explain import explain_json, explain_text
+
+    config, rules = _merged(ctx, config, rules)
+    actionners, notifiers = load_plugins()
+    defaults: tuple[str, ...] = ()
+    paths = list(rules)
+    if config is not None:
+        try:
+            settings = load_settings(config, notifiers)
+        except ConfigError as exc:
+            _fail(str(exc))
+        defaults = tuple(settings.notifications.default_notifiers)
+        paths = paths or settings.rules.files
+    try:
+        ruleset = RulesLoader(actionners, notifiers).load(paths or [DEFAULT_RULES])
+        event = load_event(event_file.read())
+    except RulesInvalid as exc:
+        _fail(str(exc))
+    except EventError as exc:
+        _fail(f"invalid event: {exc.message}")
+    run = asyncio.run(run_explain(event, ruleset, actionners, defaults))
+    if output == "json":
+        click.echo(json.dumps(explain_json(run), indent=2))
+    else:
+        click.echo(explain_text(run))
+
+
+# -- introspection -------------------------------------------------------------------------------
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"falco-talon {__version__}")
+
+
+@cli.group()
+def actionners() -> None:
+    """Inspect the installed actionners."""
+
+
+@actionners.command("list")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+def actionners_list(output: str) -> None:
+    """Each actionner: defaults, parameters and the Kubernetes RBAC rules it needs."""
+    registry, _ = load_plugins()
+    data: list[dict[str, Any]] = [
+        {
+            "name": s.name,
+            "description": s.description,
+            "continue": s.continue_,
+            "before": s.before,
+            "parameters": s.parameters,
+            "rbac": [r.as_dict() for r in s.rbac],
+        }
+        for s in registry
+    ]
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    for item in data:
+        click.echo(f"{item['name']}: {item['description']}")
+        click.echo(
+            f"  defaults: continue: {str(item['continue']).lower()}, "
+            f"before: {str(item['before']).lower()}"
+        )
+        props = item["parameters"].get("properties", {})
+        required = set(item["parameters"].get("required", []))
+        if props:
+            click.echo("  parameters:")
+            for name, schema in props.items():
+                extra = (
+                    " (required)"
+                    if name in required
+                    else (
+                        f" (default: {json.dumps(schema['default'])})"
+                        if "default" in schema
+                        else ""
+                    )
+                )
+                click.echo(f"    {name}: {_type(schema)}{extra} - {schema.get('description', '')}")
+        else:
+            click.echo("  parameters: none")
+        click.echo("  rbac:")
+        for rule in item["rbac"]:
+            groups = ",".join(g or '""' for g in rule["apiGroups"])
+            click.echo(
+                f"    - apiGroups: [{groups}] resources: [{','.join(rule['resources'])}] "
+                f"verbs: [{','.join(rule['verbs'])}]"
+            )
+
+
+def _type(schema: dict[str, Any]) -> str:
+    t = schema.get("type", "any")
+    return "|".join(t) if isinstance(t, list) else str(t)
+
+
+@cli.group()
+def notifiers() -> None:
+    """Inspect the installed notifiers."""
+
+
+@notifiers.command("list")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+def notifiers_list(output: str) -> None:
+    """Each notifier: its settings, their defaults, and which are secret."""
+    _, registry = load_plugins()
+    data: list[dict[str, Any]] = [
+        {
+            "name": s.name,
+            "description": s.description,
+            "settings": s.settings,
+            "secrets": list(s.secrets),
+            "needs_settings": s.needs_settings,
+        }
+        for s in registry
+    ]
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no notifiers installed")
+    for item in data:
+        click.echo(f"{item['name']}: {item['description']}")
+        for name, schema in item["settings"].get("properties", {}).items():
+            default = f" (default: {json.dumps(schema['default'])})" if "default" in schema else ""
+            secret = " [secret]" if name in item["secrets"] else ""
+            env = f"NOTIFIERS_{item['name'].upper()}_{name.upper()}"
+            click.echo(
+                f"    {name}: {_type(schema)}{default}{secret} - "
+                f"{schema.get('description', '')} (env {env})"
+            )
+
+
+@cli.command()
+@click.option(
+    "-o", "--output", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True
+)
+def diagram(output: str) -> None:
+    """Print the per-event state machine, derived from its definition."""
+    from engine import diagram as d
+
+    click.echo(d.mermaid() if output == "mermaid" else d.dot(), nl=False)
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(falco-talon completion bash)"."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    comp = cls(cli, {}, "falco-talon", "_FALCO_TALON_COMPLETE")
+    click.echo(comp.source())
+
+
+@cli.command()
+@click.option(
+    "--check",
+    "check_only",
+    is_flag=True,
+    help="Exit 1 if the files in schemas/ differ from the code instead of writing them.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the schema files live. [default: the project's schemas/]",
+)
+def schemas(check_only: bool, directory: str | None) -> None:
+    """Write (or check) schemas/rules.schema.json and schemas/config.schema.json."""
+    from engine.schemas import SCHEMA_DIR, render_all
+
+    target = Path(directory) if directory else SCHEMA_DIR
+    stale = []
+    for name, text in render_all().items():
+        path = target / name
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current != text:
+            stale.append(name)
+            if not check_only:
+                path.write_text(text, encoding="utf-8")
+    if check_only and stale:
+        _fail(f"out of date: {', '.join(stale)}; run `make schemas`")
+    click.echo("schemas " + ("up to date" if not stale else f"written: {', '.join(stale)}"))
+
+
+def main() -> None:
+    cli(prog_name="falco-talon")

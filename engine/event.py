@@ -1,0 +1,201 @@
+"""The event model: a Falco event decoded and validated from the HTTP body.
+
+Position in the flow:
+HTTP -> **event model** -> matcher -> state machine -> actionners -> notifiers.
+
+This is the per-event hot path, so the body is decoded with orjson (strict UTF-8) and
+validated with a schema compiled once by fastjsonschema from ``schemas/event.schema.json``.
+Part of the engine's contract: actionners read ``output_fields`` from :class:`FalcoEvent`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import orjson
+
+from engine.priority import Priority, parse_priority
+from engine.results import Target
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "event.schema.json"
+
+FieldValue = str | int | float | bool | None | list[Any]
+
+
+class EventError(ValueError):
+    """The body is not an acceptable Falco event. ``field`` names the culprit (or is None)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+def field_text(value: FieldValue) -> str | None:
+    """A field value as Falco prints it: ints without a decimal point, booleans as
+    ``true``/``false``, lists as ``(a,b)``; None (null) stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return "(" + ",".join(t for v in value if (t := field_text(v)) is not None) + ")"
+    return str(value)
+
+
+@dataclass(slots=True, eq=False)
+class FalcoEvent:
+    """One Falco event, as received."""
+
+    rule: str
+    priority: str
+    output_fields: dict[str, FieldValue]
+    source: str = "syscall"
+    hostname: str = ""
+    output: str = ""
+    time: str = ""
+    tags: tuple[str, ...] = ()
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    level: Priority | None = None
+    """The parsed priority; None when Falco sent a priority we do not know."""
+    tag_set: frozenset[str] = frozenset()
+    _texts: dict[str, str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.level is None:
+            self.level = parse_priority(self.priority)
+        if self.tags and not self.tag_set:
+            self.tag_set = frozenset(t.strip() for t in self.tags)
+
+    @property
+    def target(self) -> Target:
+        """The pod the event is about: ``k8s.pod.name``/``k8s.ns.name``, or for Kubernetes
+        audit events ``ka.target.name``/``ka.target.namespace``."""
+        pod, ns = self.field("k8s.pod.name"), self.field("k8s.ns.name")
+        if pod is None and ns is None:
+            pod, ns = self.field("ka.target.name"), self.field("ka.target.namespace")
+        return Target(pod=pod or None, namespace=ns or None)
+
+    def field(self, key: str) -> str | None:
+        """The value of ``output_fields[key]`` as text, None when absent or null."""
+        texts = self._texts
+        if texts is None:
+            texts = self._texts = {k: field_text(v) for k, v in self.output_fields.items()}
+        return texts.get(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event in Falco's JSON shape (plus ``uuid``)."""
+        return {
+            "uuid": self.id,
+            "time": self.time,
+            "rule": self.rule,
+            "priority": self.priority,
+            "source": self.source,
+            "hostname": self.hostname,
+            "output": self.output,
+            "output_fields": self.output_fields,
+            "tags": list(self.tags),
+        }
+
+
+def _load_validator() -> Any:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return fastjsonschema.compile(schema)
+
+
+_validate = _load_validator()
+
+
+def _field_name(exc: Any) -> str | None:
+    # fastjsonschema names the failing value "data.output_fields.proc.pid": drop the "data".
+    path = list(getattr(exc, "path", []) or [])
+    if len(path) > 1:
+        return ".".join(str(p) for p in path[1:])
+    if exc.rule == "required":
+        missing = [r for r in exc.rule_definition if r not in (exc.value or {})]
+        return missing[0] if missing else None
+    return None
+
+
+def _message(exc: Any, field_name: str | None) -> str:
+    rule = exc.rule
+    defn = exc.rule_definition
+    if rule == "required" and field_name:
+        return f"missing required field '{field_name}'"
+    if rule == "type" and field_name:
+        expected = defn if isinstance(defn, str) else " or ".join(defn)
+        return f"field '{field_name}' must be {expected}, got {_json_type(exc.value)}"
+    if rule == "type":
+        return f"the event must be a JSON object, got {_json_type(exc.value)}"
+    if rule == "minLength" and field_name:
+        return f"field '{field_name}' must not be empty"
+    return f"field '{field_name}': {exc.message}" if field_name else str(exc.message)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def decode_event(body: bytes) -> FalcoEvent:
+    """Decode and validate an HTTP body into a :class:`FalcoEvent`, or raise :class:`EventError`."""
+    if not body.strip():
+        raise EventError("empty body: expected a Falco event as a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "utf-8" in str(exc).lower():
+            raise EventError("the body is not valid UTF-8") from None
+        raise EventError(f"the body is not valid JSON: {exc}") from None
+    try:
+        _validate(data)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        name = _field_name(exc)
+        raise EventError(_message(exc, name), name) from None
+    return event_from_dict(data)
+
+
+def event_from_dict(data: dict[str, Any]) -> FalcoEvent:
+    """Build an event from an already validated dict (Falco's or Falcosidekick's shape)."""
+    return FalcoEvent(
+        rule=data["rule"],
+        priority=data["priority"],
+        output_fields=data["output_fields"],
+        source=data.get("source") or "syscall",
+        hostname=data.get("hostname") or "",
+        output=data.get("output") or "",
+        time=data.get("time") or "",
+        tags=tuple(data.get("tags") or ()),
+        id=data.get("uuid") or str(uuid.uuid4()),
+    )
+
+
+def load_event(text: bytes | str) -> FalcoEvent:
+    """Decode an event from a file's content (for ``explain``)."""
+    return decode_event(text.encode() if isinstance(text, str) else text)

@@ -1,0 +1,74 @@
+"""``explain``: what the engine would do with one event, touching nothing.
+
+Position in the flow: runs an event through the same matcher and state machine as the
+server, in dry-run mode (no actionner is called, no notification is sent), and renders the
+run record for people (text) or for CI (JSON; the contract is in the README).
+"""
+
+from __future__ import annotations
+
+from actionners.registry import ActionnerRegistry
+from engine.event import FalcoEvent
+from engine.machine import EventRun
+from engine.pipeline import Pipeline
+from engine.results import Outcome
+from engine.rules import RuleSet
+
+
+async def explain(
+    event: FalcoEvent,
+    rules: RuleSet,
+    actionners: ActionnerRegistry,
+    default_notifiers: tuple[str, ...] = (),
+) -> EventRun:
+    """The run record of ``event`` against ``rules``, with every step planned or skipped."""
+    pipeline = Pipeline(rules, actionners, default_notifiers=default_notifiers, dry_run=True)
+    return await pipeline.process(event)
+
+
+def explain_json(run: EventRun) -> dict[str, object]:
+    """The stable JSON shape: matched, steps (execution order, skipped included), notifiers."""
+    summary = run.summary()
+    for step in summary["steps"]:
+        step.pop("duration_ms", None)
+        if step["outcome"] == Outcome.PLANNED.value:
+            step["reason"] = ""
+    return summary
+
+
+def explain_text(run: EventRun) -> str:
+    """A readable account of the decisions, in order."""
+    ev = run.event
+    lines = [f"Event {ev.id}: Falco rule {ev.rule!r}, priority {ev.priority}, source {ev.source}"]
+    target = ev.target
+    if target.pod:
+        lines.append(f"  target pod: {target.namespace}/{target.pod}")
+    if not run.matched:
+        lines.append("No talon rule matches this event: nothing would happen.")
+        return "\n".join(lines)
+    lines.append(f"Matched {len(run.matched)} rule(s), in rule order:")
+    for rule in run.matched:
+        flags = []
+        for name, value, explicit in (
+            ("before", rule.before, rule.before_set),
+            ("continue", rule.continue_, rule.continue_set),
+        ):
+            origin = "rule" if explicit else f"default of {rule.action}"
+            flags.append(f"{name}: {str(value).lower()} ({origin})")
+        lines.append(f"  - {rule.name} -> {rule.action}; " + ", ".join(flags))
+    lines.append("Plan, in execution order:")
+    for i, step in enumerate(run.steps, 1):
+        verb = "would run" if step.outcome is Outcome.PLANNED else step.outcome.value
+        line = f"  {i}. [{step.stage.value}] {step.rule.name}: {step.rule.action} {verb}"
+        if step.outcome is Outcome.SKIPPED:
+            line += f" ({step.reason})"
+        lines.append(line)
+    notified = run.summary()["notifiers"]
+    if any(notified.values()):
+        lines.append("Notifications:")
+        for rule_name, names in notified.items():
+            if names:
+                lines.append(f"  - {rule_name} -> {', '.join(names)}")
+    else:
+        lines.append("Notifications: none (no rule names notifiers and no defaultNotifiers)")
+    return "\n".join(lines)

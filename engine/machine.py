@@ -1,0 +1,265 @@
+"""The per-event state machine: where the ``before``/``continue`` ordering contract lives.
+
+Position in the flow:
+HTTP -> event model -> matcher -> **state machine** -> actionners -> notifiers.
+
+One :class:`transitions.Machine` is defined once for the whole process (:data:`MACHINE`);
+each event gets an :class:`EventRun` model that is driven through it with :func:`advance`
+(``engine.pipeline`` does the driving and executes the planned steps between transitions).
+Models are never added to the machine, so nothing accumulates per event: creating an
+``AsyncMachine`` per event is known to leak, and even ``add_model`` binds a method per
+trigger to every model.
+
+    received --advance [has_matches]--> matched --advance--> before-actions
+    received --advance [no match]----> unmatched (terminal)
+    before-actions --advance--> actions --advance--> notified (terminal)
+    any non-terminal --fail--> failed (terminal)
+
+Entering ``before-actions`` plans the matched rules whose effective ``before`` is true, in
+rule order. Entering ``actions`` plans the rest: if one of them has effective
+``continue: false`` the *first* such rule runs alone and every other one is skipped
+("superseded by rule X, continue: false"); otherwise they all run in rule order.
+Entering ``notified`` addresses every action result to the rule's notifiers plus the
+default notifiers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from transitions import Machine
+
+from engine.event import FalcoEvent
+from engine.matcher import Matcher
+from engine.results import ActionResult, Outcome
+from engine.rules import Rule
+
+
+class Stage(StrEnum):
+    """The states of an event's run. Values are what logs, ``explain`` and traces show."""
+
+    RECEIVED = "received"
+    MATCHED = "matched"
+    UNMATCHED = "unmatched"
+    BEFORE_ACTIONS = "before-actions"
+    ACTIONS = "actions"
+    NOTIFIED = "notified"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({Stage.UNMATCHED, Stage.NOTIFIED, Stage.FAILED})
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+
+@dataclass(slots=True)
+class Step:
+    """One rule's action in one stage of one event: planned, then run (or skipped)."""
+
+    stage: Stage
+    rule: Rule
+    outcome: Outcome = Outcome.PLANNED
+    reason: str = ""
+    result: ActionResult | None = None
+    duration: float = 0.0
+    """Seconds the actionner took."""
+
+    @property
+    def ran(self) -> bool:
+        return self.result is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "stage": self.stage.value,
+            "rule": self.rule.name,
+            "action": self.rule.action,
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+        }
+        if self.result is not None:
+            out["duration_ms"] = round(self.duration * 1000, 3)
+            if self.result.output:
+                out["output"] = self.result.output
+        return out
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One action result addressed to one notifier."""
+
+    notifier: str
+    step: Step
+
+
+@dataclass(slots=True, eq=False)
+class EventRun:
+    """The run record of one event and the model the shared machine drives."""
+
+    event: FalcoEvent
+    matcher: Matcher
+    default_notifiers: tuple[str, ...] = ()
+    state: str = Stage.RECEIVED.value
+    """The machine's state, as the :class:`Stage` value (see :attr:`stage`)."""
+    matched: list[Rule] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    """Every step in execution order, skipped ones included."""
+    pending: list[Step] = field(default_factory=list)
+    """The steps the current stage must execute (set on entering a stage)."""
+    deliveries: list[Delivery] = field(default_factory=list)
+    history: list[tuple[Stage, float]] = field(default_factory=list)
+    """States entered, with ``time.monotonic()`` at entry."""
+    error: str = ""
+    trace_id: str = ""
+
+    # -- conditions and callbacks named in the machine definition ----------------------------
+
+    def evaluate_rules(self) -> None:
+        """Evaluate every rule against the event (matched rules keep rule order)."""
+        self.matched = self.matcher.match(self.event)
+
+    def has_matches(self) -> bool:
+        return bool(self.matched)
+
+    def record_state(self) -> None:
+        self.history.append((Stage(self.state), time.monotonic()))
+        self.pending = []
+
+    def plan_before_actions(self) -> None:
+        self.pending = [Step(Stage.BEFORE_ACTIONS, r) for r in self.matched if r.before]
+        self.steps.extend(self.pending)
+
+    def plan_actions(self) -> None:
+        remaining = [r for r in self.matched if not r.before]
+        stopper = next((r for r in remaining if not r.continue_), None)
+        for rule in remaining:
+            step = Step(Stage.ACTIONS, rule)
+            self.steps.append(step)
+            if stopper is None or rule is stopper:
+                self.pending.append(step)
+            else:
+                step.outcome = Outcome.SKIPPED
+                step.reason = f"superseded by rule {stopper.name!r}, continue: false"
+
+    def plan_notifications(self) -> None:
+        for step in self.steps:
+            if not step.ran:
+                continue
+            names = dict.fromkeys((*step.rule.notifiers, *self.default_notifiers))
+            self.deliveries.extend(Delivery(name, step) for name in names)
+
+    # -- read-only views -----------------------------------------------------------------------
+
+    @property
+    def stage(self) -> Stage:
+        return Stage(self.state)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in _TERMINAL_VALUES
+
+    def summary(self) -> dict[str, Any]:
+        """The run record as JSON-able data (``explain -o json`` and logs)."""
+        notifiers: dict[str, list[str]] = {}
+        for step in self.steps:
+            if step.outcome is not Outcome.SKIPPED or step.ran:
+                names = dict.fromkeys((*step.rule.notifiers, *self.default_notifiers))
+                notifiers[step.rule.name] = list(names)
+        out: dict[str, Any] = {
+            "event": {
+                "id": self.event.id,
+                "rule": self.event.rule,
+                "priority": self.event.priority,
+            },
+            "state": self.state,
+            "matched": [r.name for r in self.matched],
+            "steps": [s.as_dict() for s in self.steps],
+            "notifiers": notifiers,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+# -- the one machine definition ---------------------------------------------------------------
+# States are the Stage values (plain strings) rather than the Enum members: transitions
+# resolves an Enum state's name through the enum descriptor on every callback, which costs
+# about a quarter of each trigger on the per-event hot path (see bench/). The vocabulary
+# is still the Enum: everything below is written with Stage members.
+
+TRANSITIONS: list[dict[str, Any]] = [
+    {
+        "trigger": "advance",
+        "source": Stage.RECEIVED.value,
+        "dest": Stage.MATCHED.value,
+        "prepare": "evaluate_rules",
+        "conditions": "has_matches",
+    },
+    {"trigger": "advance", "source": Stage.RECEIVED.value, "dest": Stage.UNMATCHED.value},
+    {"trigger": "advance", "source": Stage.MATCHED.value, "dest": Stage.BEFORE_ACTIONS.value},
+    {"trigger": "advance", "source": Stage.BEFORE_ACTIONS.value, "dest": Stage.ACTIONS.value},
+    {"trigger": "advance", "source": Stage.ACTIONS.value, "dest": Stage.NOTIFIED.value},
+    {
+        "trigger": "fail",
+        "source": [s.value for s in Stage if s not in TERMINAL],
+        "dest": Stage.FAILED.value,
+    },
+]
+
+ON_ENTER: dict[Stage, list[str]] = {
+    Stage.BEFORE_ACTIONS: ["plan_before_actions"],
+    Stage.ACTIONS: ["plan_actions"],
+    Stage.NOTIFIED: ["plan_notifications"],
+}
+
+LABELS: dict[str, str] = {
+    "has_matches": "a rule matched",
+    "evaluate_rules": "evaluate every rule",
+    "plan_before_actions": "plan rules with before: true, in rule order",
+    "plan_actions": "plan the rest: the first continue: false rule supersedes the others",
+    "plan_notifications": "address each result to the rule's notifiers + defaultNotifiers",
+}
+"""Human wording of the callbacks, for diagrams."""
+
+
+def _build_machine() -> Machine:
+    machine = Machine(
+        model=None,
+        states=[s.value for s in Stage],
+        initial=Stage.RECEIVED.value,
+        transitions=TRANSITIONS,
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+    )
+    for stage in Stage:
+        state = machine.get_state(stage.value)
+        state.add_callback("enter", "record_state")
+        for cb in ON_ENTER.get(stage, []):
+            state.add_callback("enter", cb)
+    return machine
+
+
+MACHINE = _build_machine()
+_ADVANCE = MACHINE.events["advance"]
+_FAIL = MACHINE.events["fail"]
+
+
+def start(run: EventRun) -> EventRun:
+    """Record the initial state (the machine only records states it *enters*)."""
+    run.history.append((Stage.RECEIVED, time.monotonic()))
+    return run
+
+
+def advance(run: EventRun) -> str:
+    """Move ``run`` to its next state (planning that state's steps on entry)."""
+    _ADVANCE.trigger(run)
+    return run.state
+
+
+def fail(run: EventRun, error: str) -> str:
+    """End ``run`` in the failed state with ``error``; a no-op if it already ended."""
+    if not run.finished:
+        run.error = error
+        _FAIL.trigger(run)
+    return run.state

@@ -1,0 +1,26 @@
+"""The schema files under ``schemas/``, rendered from the code that defines them.
+
+``rules.schema.json`` comes from the actionner registry, ``config.schema.json`` from
+``engine.config`` and the notifier registry; ``event.schema.json`` is written by hand.
+``falco-talon schemas`` writes them, ``falco-talon schemas --check`` (in ``make test``)
+fails when a committed file has drifted from the code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.config import config_schema
+from engine.plugins import load_plugins
+from engine.rules import rules_schema
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def render_all() -> dict[str, str]:
+    actionners, notifiers = load_plugins()
+    return {
+        "rules.schema.json": json.dumps(rules_schema(actionners), indent=2) + "\n",
+        "config.schema.json": json.dumps(config_schema(notifiers), indent=2) + "\n",
+    }

@@ -1,0 +1,237 @@
+"""The HTTP server: Falco events in, 202 out, processing in the background.
+
+Position in the flow: **HTTP** -> event model -> matcher -> state machine -> ...
+
+``POST /`` validates the body (``engine.event``) and queues the event; a bounded pool of
+workers drives each queued event through the pipeline. Every reply has a JSON body.
+A full queue answers 503 with ``Retry-After`` rather than dropping the event; a body over
+``maxBodySize`` answers 413. ``GET /healthz`` answers 200. SIGTERM stops accepting (503),
+finishes the events in flight within ``shutdownTimeout``, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from engine import __version__
+from engine.event import EventError, FalcoEvent, decode_event
+from engine.pipeline import Pipeline
+from engine.reload import RulesWatcher
+
+log = logging.getLogger("falco_talon.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Service:
+    """The running engine: the event queue, its workers, and what they drive."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        queue_size: int = 1000,
+        workers: int = 16,
+        max_body_size: int = 1 << 20,
+        shutdown_timeout: float = 30.0,
+        watcher: RulesWatcher | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.queue: asyncio.Queue[FalcoEvent] = asyncio.Queue(queue_size)
+        self.workers = workers
+        self.max_body_size = max_body_size
+        self.shutdown_timeout = shutdown_timeout
+        self.watcher = watcher
+        self.accepting = False
+        self.in_flight = 0
+        self.started = time.time()
+        self.stats: Counter[str] = Counter()
+        """accepted, rejected.<reason>, refused.queue_full, refused.shutting_down"""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"event-worker-{i}") for i in range(self.workers)
+        ]
+        if self.pipeline.dispatcher is not None:
+            pass  # the dispatcher starts its workers lazily, per notifier
+        if self.watcher is not None:
+            self.watcher.start()
+        self.accepting = True
+
+    async def _work(self) -> None:
+        while True:
+            event = await self.queue.get()
+            self.in_flight += 1
+            try:
+                await self.pipeline.process(event)
+            except Exception:  # pipeline.process already contains its errors; belt and braces
+                log.exception("worker error", extra={"fields": {"event_id": event.id}})
+            finally:
+                self.in_flight -= 1
+                self.queue.task_done()
+
+    def submit(self, event: FalcoEvent) -> bool:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop accepting, finish queued and in-flight events (bounded), stop the workers."""
+        self.accepting = False
+        if self.watcher is not None:
+            await self.watcher.stop()
+        deadline = time.monotonic() + self.shutdown_timeout
+        try:
+            await asyncio.wait_for(self.queue.join(), self.shutdown_timeout)
+        except TimeoutError:
+            lost = [self.queue.get_nowait().id for _ in range(self.queue.qsize())]
+            log.error(
+                "shutdown timeout: %d event(s) in flight and %d queued were not finished",
+                self.in_flight,
+                len(lost),
+                extra={"fields": {"unprocessed_event_ids": ",".join(lost)}},
+            )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        dispatcher = self.pipeline.dispatcher
+        if dispatcher is not None:
+            await dispatcher.drain(max(0.0, deadline - time.monotonic()))
+            await dispatcher.close()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.accepting else "stopping",
+            "version": __version__,
+            "rules": len(self.pipeline.compiled.ruleset.rules),
+            "dry_run": self.pipeline.dry_run,
+            "queue": self.queue.qsize(),
+            "in_flight": self.in_flight,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+
+SERVICE = web.AppKey("service", Service)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    # orjson: a reply is on the per-event path, and json.dumps costs four times as much.
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error reply has a JSON body, and no exception becomes a bare 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json(
+            exc.status,
+            {"error": exc.reason},
+            headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")},
+        )
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return _json(500, {"error": "internal error; see the server log"})
+
+
+async def post_event(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    if not service.accepting:
+        service.stats["refused.shutting_down"] += 1
+        return _json(503, {"error": "shutting down"}, {"Retry-After": "5"})
+    limit = service.max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        service.stats["rejected.too_large"] += 1
+        return _json(
+            413,
+            {
+                "error": f"body of {request.content_length} bytes exceeds the "
+                f"limit of {limit} bytes (maxBodySize)"
+            },
+        )
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        service.stats["rejected.too_large"] += 1
+        return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"})
+    try:
+        event = decode_event(body)
+    except EventError as exc:
+        service.stats["rejected.invalid"] += 1
+        return _json(400, exc.as_json())
+    if not service.submit(event):
+        service.stats["refused.queue_full"] += 1
+        log.warning("event refused: queue full", extra={"fields": {"event_id": event.id}})
+        return _json(
+            503, {"error": "queue full, retry later", "id": event.id}, {"Retry-After": "1"}
+        )
+    service.stats["accepted"] += 1
+    return _json(202, {"status": "accepted", "id": event.id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json(200, request.app[SERVICE].health())
+
+
+def create_app(service: Service) -> web.Application:
+    """The aiohttp application; start/stop the service around it (``run`` does)."""
+    app = web.Application(client_max_size=service.max_body_size, middlewares=[json_errors])
+    app[SERVICE] = service
+    app.router.add_post("/", post_event)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve(service: Service, host: str, port: int) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    app = create_app(service)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await service.start()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info(
+        "listening",
+        extra={
+            "fields": {
+                "address": f"{host}:{port}",
+                "rules": len(service.pipeline.compiled.ruleset.rules),
+                "dry_run": service.pipeline.dry_run,
+            }
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info(
+            "signal received: finishing in-flight events",
+            extra={"fields": {"queued": service.queue.qsize(), "in_flight": service.in_flight}},
+        )
+        await service.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")

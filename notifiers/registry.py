@@ -1,0 +1,120 @@
+"""The notifier registry: each notifier's name, settings schema and ``send``.
+
+Position in the flow: the engine (``engine.notify``) reads this registry; notifier modules
+fill it. Nothing here imports the engine's machinery, only its contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.event import FalcoEvent
+from engine.results import ActionResult
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """The result of one action of one event, as every notifier receives it."""
+
+    event: FalcoEvent
+    rule: str
+    """The talon rule whose action this is."""
+    action: str
+    """The actionner name (``kubernetes:terminate``)."""
+    stage: str
+    """``before-actions`` or ``actions``."""
+    result: ActionResult
+    trace_id: str = ""
+
+
+SendFunc = Callable[[Notification, Mapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierSpec:
+    """The declaration of one notifier."""
+
+    name: str
+    description: str
+    send: SendFunc
+    """Deliver one notification with the given settings; raise ``TemporaryError`` to be retried."""
+    settings: Mapping[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False}
+    )
+    """JSON Schema (draft 2020-12) of ``notifiers.<name>`` in the config."""
+    secrets: tuple[str, ...] = ()
+    """Settings never to be shown in logs, errors or printed config."""
+    needs_settings: bool = True
+    """False when the notifier works with no configuration at all (``k8sevents``)."""
+
+    def defaults(self) -> dict[str, Any]:
+        props = self.settings.get("properties", {})
+        return {k: v["default"] for k, v in props.items() if "default" in v}
+
+
+class NotifierRegistry:
+    """Notifiers by name."""
+
+    def __init__(self, specs: tuple[NotifierSpec, ...] = ()) -> None:
+        self._specs: dict[str, NotifierSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: NotifierSpec) -> NotifierSpec:
+        if spec.name in self._specs:
+            raise ValueError(f"notifier {spec.name!r} is registered twice")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> NotifierSpec | None:
+        return self._specs.get(name)
+
+    def __getitem__(self, name: str) -> NotifierSpec:
+        return self._specs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[NotifierSpec]:
+        return iter(sorted(self._specs.values(), key=lambda s: s.name))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def copy(self) -> NotifierRegistry:
+        return NotifierRegistry(tuple(self._specs.values()))
+
+
+NOTIFIERS = NotifierRegistry()
+"""The process-wide registry the built-in and installed notifier modules fill."""
+
+
+def notifier(
+    name: str,
+    *,
+    description: str,
+    settings: Mapping[str, Any] | None = None,
+    secrets: tuple[str, ...] = (),
+    needs_settings: bool = True,
+    registry: NotifierRegistry | None = None,
+) -> Callable[[SendFunc], SendFunc]:
+    """Register the decorated ``async def send(notification, settings)`` as notifier ``name``."""
+
+    def decorate(send: SendFunc) -> SendFunc:
+        kwargs: dict[str, Any] = {}
+        if settings is not None:
+            kwargs["settings"] = settings
+        spec = NotifierSpec(
+            name=name,
+            description=description,
+            send=send,
+            secrets=secrets,
+            needs_settings=needs_settings,
+            **kwargs,
+        )
+        (registry if registry is not None else NOTIFIERS).add(spec)
+        return send
+
+    return decorate

@@ -1,0 +1,96 @@
+"""Log formats: ``color`` (a terminal), ``text``, ``json`` (one object per line).
+
+Cross-cutting. Code logs with ``extra={"fields": {...}}`` (event_id, rule, action, outcome,
+...); every format prints those fields. Secrets never reach here: settings are redacted
+before they are logged (``engine.config.redacted``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+FORMATS = ("color", "text", "json")
+
+_COLORS = {
+    logging.DEBUG: "\033[2m",
+    logging.INFO: "\033[32m",
+    logging.WARNING: "\033[33m",
+    logging.ERROR: "\033[31m",
+    logging.CRITICAL: "\033[1;31m",
+}
+_RESET = "\033[0m"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return dict(fields) if isinstance(fields, dict) else {}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-01-01T00:00:00.000+00:00 INFO  message key=value ...``"""
+
+    def __init__(self, color: bool = False) -> None:
+        super().__init__()
+        self.color = color
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname
+        if self.color:
+            level = f"{_COLORS.get(record.levelno, '')}{level:<7}{_RESET}"
+        else:
+            level = f"{level:<7}"
+        parts = [_timestamp(record), level, record.getMessage()]
+        parts.extend(f"{k}={_quote(v)}" for k, v in _fields(record).items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return f'"{text}"' if (" " in text or not text) else text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, then the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update(_fields(record))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(fmt: str = "color", level: int | str = logging.INFO) -> None:
+    """Configure the root logger once for the process."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter(color=fmt == "color" and sys.stderr.isatty()))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # transitions logs every callback at INFO: far too chatty at one event per millisecond.
+    logging.getLogger("transitions").setLevel(logging.WARNING)

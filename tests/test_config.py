@@ -1,0 +1,151 @@
+"""Configuration: precedence flags > env > file > defaults, clear errors, redacted secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import (
+    ConfigError,
+    check_notifiers,
+    load_settings,
+    notifier_settings,
+    redacted,
+)
+from notifiers.registry import NotifierRegistry, notifier
+
+
+@pytest.fixture
+def notifiers() -> NotifierRegistry:
+    registry = NotifierRegistry()
+
+    @notifier(
+        "chat",
+        description="test notifier with a secret",
+        registry=registry,
+        secrets=("webhookurl",),
+        settings={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["webhookurl"],
+            "properties": {
+                "webhookurl": {"type": "string"},
+                "username": {"type": "string", "default": "Falco Talon"},
+                "retries": {"type": "integer"},
+            },
+        },
+    )
+    async def send(note: Any, settings: Any) -> None:
+        return None
+
+    @notifier("events", description="needs no settings", registry=registry, needs_settings=False)
+    async def send2(note: Any, settings: Any) -> None:
+        return None
+
+    return registry
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_apply_when_the_default_file_is_missing(notifiers: NotifierRegistry) -> None:
+    s = load_settings(None, notifiers, env={})
+    assert (s.server.listen_address, s.server.listen_port) == ("0.0.0.0", 2803)
+    assert s.rules.files == ["/etc/falco-talon/rules.yaml"] and s.rules.watch is True
+    assert s.logging.format == "color" and s.actions.dry_run is False
+
+
+def test_an_explicit_config_file_that_is_missing_is_an_error(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(str(tmp_path / "nope.yaml"), notifiers, env={})
+
+
+def test_flags_beat_env_which_beats_the_file(tmp_path: Path, notifiers: NotifierRegistry) -> None:
+    path = write(tmp_path, "listenPort: 1000\nlogFormat: text\ndryRun: false\nrulesFile: a.yaml\n")
+    s = load_settings(
+        path,
+        notifiers,
+        env={"LISTENPORT": "2000", "DRYRUN": "true", "RULESFILE": "b.yaml,c.yaml"},
+        overrides={"listenPort": 3000},
+    )
+    assert s.server.listen_port == 3000
+    assert s.actions.dry_run is True
+    assert s.logging.format == "text"
+    assert s.rules.files == ["b.yaml", "c.yaml"]
+
+
+def test_notifier_settings_come_from_file_and_env(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    path = write(tmp_path, "notifiers:\n  chat:\n    webhookurl: https://hooks.example/T1\n")
+    s = load_settings(
+        path,
+        notifiers,
+        env={
+            "NOTIFIERS_CHAT_USERNAME": "talon",
+            "NOTIFIERS_CHAT_RETRIES": "3",
+            "DEFAULTNOTIFIERS": "chat, events",
+        },
+    )
+    assert s.notifications.default_notifiers == ["chat", "events"]
+    assert notifier_settings(s, notifiers)["chat"] == {
+        "webhookurl": "https://hooks.example/T1",
+        "username": "talon",
+        "retries": 3,
+    }
+    check_notifiers(s, notifiers, {"chat"})
+
+
+def test_errors_name_the_place_the_key_and_the_expected_type(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    path = write(tmp_path, "listenPrt: 3\nlogFormat: fancy\nworkers: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, notifiers, env={"LISTENPORT": "http"})
+    assert str(err.value).splitlines() == [
+        "invalid configuration:",
+        f"  {path}:1:12: unknown key 'listenPrt'; did you mean 'listenPort'? (at $.listenPrt)",
+        "  environment LISTENPORT: must be integer, got str 'http' (at $.listenPort)",
+        f"  {path}:3:10: must be integer, got str 'many' (at $.workers)",
+        f"  {path}:2:12: 'fancy' is not one of ['color', 'text', 'json'] (at $.logFormat)",
+    ]
+
+
+def test_a_notifier_used_but_not_configured_is_a_startup_error(notifiers: NotifierRegistry) -> None:
+    s = load_settings(None, notifiers, env={"DEFAULTNOTIFIERS": "events"})
+    check_notifiers(s, notifiers, set())  # needs no settings: fine
+    with pytest.raises(ConfigError, match="notifier 'chat' is used but not configured"):
+        check_notifiers(s, notifiers, {"chat"})
+    with pytest.raises(ConfigError, match="notifier 'pager' does not exist; known: chat, events"):
+        check_notifiers(s, notifiers, {"pager"})
+
+
+def test_secrets_never_appear_in_errors_or_printed_config(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    secret = "https://hooks.example/services/T000/B000/XXXXSECRET"
+    path = write(tmp_path, f"notifiers:\n  chat:\n    webhookurl: {secret}\n    username: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, notifiers, env={})
+    assert "username" in str(err.value)
+    path = write(tmp_path, f"notifiers:\n  chat:\n    webhookurl: {secret}\n")
+    shown = redacted(load_settings(path, notifiers, env={}), notifiers)
+    assert shown["notifiers"]["chat"]["webhookurl"] == "********"
+    assert secret not in repr(shown)
+
+
+def test_a_secret_of_the_wrong_type_is_reported_without_its_value(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    path = write(tmp_path, "notifiers:\n  chat:\n    webhookurl: [https://hooks.example/SECRET]\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, notifiers, env={})
+    assert "SECRET" not in str(err.value)
+    assert "webhookurl" in str(err.value)
