@@ -8,10 +8,10 @@ BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
-.PHONY: help install run test lint typecheck unit bench schemas fmt clean
+.PHONY: help install run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down
 
 help:
-	@echo "make run    - install, then serve examples/ (dry run) on 127.0.0.1:2803"
+	@echo "make run    - install, start the local control plane + demo workloads, serve examples/ on 127.0.0.1:2803"
 	@echo "make test   - install, then lint, type-check, layering, schemas, tests"
 	@echo "make bench  - throughput/latency/memory numbers as JSON"
 	@echo "make schemas - regenerate schemas/ from the code"
@@ -24,12 +24,22 @@ $(STAMP): pyproject.toml uv.lock
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: install
-	@echo "falco-talon on http://127.0.0.1:2803 (dry run: no Kubernetes actionner is implemented yet)."
-	@echo "In another terminal, send the sample Falco event:"
-	@echo "  curl -s -XPOST http://127.0.0.1:2803/ -H 'Content-Type: application/json' -d @examples/event.json"
-	@echo "and see what it would do without a server:"
-	@echo "  $(BIN)/falco-talon explain -r examples/rules.yaml --event examples/event.json"
-	$(BIN)/falco-talon server -c examples/config.yaml -r examples/rules.yaml
+	@envfile=$$($(BIN)/python -m tests.env.testenv up) && . "$$envfile" && \
+	$(BIN)/python examples/demo.py setup --kubeconfig "$$KUBECONFIG" && \
+	echo && echo "falco-talon on http://127.0.0.1:2803, acting on the local control plane ($$TESTENV_APISERVER_URL)." && \
+	echo "In another terminal, send sample Falco events for pod demo/web-7d4b9c7f5d-x2x8k:" && \
+	echo "  curl -s -XPOST http://127.0.0.1:2803/ -d @examples/event-warning.json   # Warning: isolate, exec, label" && \
+	echo "  curl -s -XPOST http://127.0.0.1:2803/ -d @examples/event.json           # Critical: isolate, exec, terminate" && \
+	echo "then see what happened:" && \
+	echo "  $(BIN)/python examples/demo.py status --kubeconfig $$KUBECONFIG" && \
+	echo "(make testenv-down stops the control plane; make run again recreates the demo pods)" && echo && \
+	KUBECONFIG="$$KUBECONFIG" $(BIN)/falco-talon server -c examples/config.yaml -r examples/rules.yaml
+
+testenv-up: install
+	$(BIN)/python -m tests.env.testenv up
+
+testenv-down: install
+	$(BIN)/python -m tests.env.testenv down
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,23 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.event import FalcoEvent
+from engine.kubeapi import RbacRule
 from engine.results import ActionResult, Target
 
-
-@dataclass(frozen=True, slots=True)
-class RbacRule:
-    """One Kubernetes RBAC policy rule an actionner needs (as in a ClusterRole)."""
-
-    api_groups: tuple[str, ...]
-    resources: tuple[str, ...]
-    verbs: tuple[str, ...]
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {
-            "apiGroups": list(self.api_groups),
-            "resources": list(self.resources),
-            "verbs": list(self.verbs),
-        }
+__all__ = [
+    "ACTIONNERS",
+    "ActionContext",
+    "ActionnerRegistry",
+    "ActionnerSpec",
+    "RbacRule",
+    "actionner",
+]
 
 
 @dataclass(frozen=True, slots=True)

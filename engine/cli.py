@@ -29,6 +29,7 @@ from engine.config import (
 )
 from engine.errors import ConfigError
 from engine.event import EventError, load_event
+from engine.kubeapi import NotConfigured
 from engine.plugins import load_plugins
 from engine.rules import RulesInvalid, RulesLoader
 
@@ -118,11 +119,12 @@ def server(
     setup_logging(settings.logging.format, settings.logging.level.upper())
     try:
         asyncio.run(_serve(settings))
-    except (ConfigError, RulesInvalid) as exc:
+    except (ConfigError, RulesInvalid, NotConfigured) as exc:
         _fail(str(exc))
 
 
 async def _serve(settings: Settings) -> None:
+    from engine import kubeapi
     from engine.notify import DeliveryPolicy, Dispatcher
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher
@@ -131,6 +133,11 @@ async def _serve(settings: Settings) -> None:
     actionners, notifiers = load_plugins()
     loader = RulesLoader(actionners, notifiers)
     ruleset = loader.load(settings.rules.files)
+    kubeconfig = settings.actions.kube_config
+    if settings.actions.dry_run:
+        kubeapi.use(None, kubeconfig)  # connect only if something (k8sevents) needs it
+    else:
+        kubeapi.use(kubeapi.connect(kubeconfig))
     used = {n for r in ruleset.rules for n in r.notifiers}
     check_notifiers(settings, notifiers, used)
     log.info(
@@ -356,6 +363,64 @@ def notifiers_list(output: str) -> None:
                 f"    {name}: {_type(schema)}{default}{secret} - "
                 f"{schema.get('description', '')} (env {env})"
             )
+
+
+@cli.command()
+@_common
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Every installed actionner and notifier, not only those the rules use.",
+)
+@click.option("--name", default="falco-talon", show_default=True, help="ClusterRole name.")
+@click.option(
+    "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+@click.pass_context
+def rbac(
+    ctx: click.Context,
+    config: str | None,
+    rules: tuple[str, ...],
+    everything: bool,
+    name: str,
+    output: str,
+) -> None:
+    """Print the ClusterRole falco-talon needs: the union of what the actionners and
+    notifiers in use declare (the rules' actionners and notifiers, plus defaultNotifiers)."""
+    import yaml
+
+    from engine.rbac import cluster_role, required_rules
+
+    config, rules = _merged(ctx, config, rules)
+    actionners, notifiers = load_plugins()
+    if everything:
+        merged = required_rules(actionners, notifiers)
+    else:
+        defaults: list[str] = []
+        paths = list(rules)
+        if config is not None:
+            try:
+                settings = load_settings(config, notifiers)
+            except ConfigError as exc:
+                _fail(str(exc))
+            defaults = settings.notifications.default_notifiers
+            paths = paths or settings.rules.files
+        try:
+            ruleset = RulesLoader(actionners, notifiers).load(paths or [DEFAULT_RULES])
+        except RulesInvalid as exc:
+            _fail(str(exc))
+        merged = required_rules(
+            actionners,
+            notifiers,
+            only_actionners={r.action for r in ruleset.rules},
+            only_notifiers={n for r in ruleset.rules for n in r.notifiers} | set(defaults),
+        )
+    role = cluster_role(name, merged)
+    if output == "json":
+        click.echo(json.dumps(role, indent=2))
+    else:
+        click.echo(yaml.safe_dump(role, sort_keys=False), nl=False)
 
 
 @cli.command()

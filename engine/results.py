@@ -31,6 +31,8 @@ class Target:
 
     pod: str | None = None
     namespace: str | None = None
+    uid: str | None = None
+    """The pod's uid, once an actionner has read the pod (events and audit need it)."""
 
 
 @dataclass(frozen=True, slots=True)

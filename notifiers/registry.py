@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.event import FalcoEvent
+from engine.kubeapi import RbacRule
 from engine.results import ActionResult
 
 
@@ -48,6 +49,8 @@ class NotifierSpec:
     """Settings never to be shown in logs, errors or printed config."""
     needs_settings: bool = True
     """False when the notifier works with no configuration at all (``k8sevents``)."""
+    rbac: tuple[RbacRule, ...] = ()
+    """The Kubernetes permissions ``send`` needs."""
 
     def defaults(self) -> dict[str, Any]:
         props = self.settings.get("properties", {})
@@ -98,6 +101,7 @@ def notifier(
     settings: Mapping[str, Any] | None = None,
     secrets: tuple[str, ...] = (),
     needs_settings: bool = True,
+    rbac: tuple[RbacRule, ...] = (),
     registry: NotifierRegistry | None = None,
 ) -> Callable[[SendFunc], SendFunc]:
     """Register the decorated ``async def send(notification, settings)`` as notifier ``name``."""
@@ -112,6 +116,7 @@ def notifier(
             send=send,
             secrets=secrets,
             needs_settings=needs_settings,
+            rbac=rbac,
             **kwargs,
         )
         (registry if registry is not None else NOTIFIERS).add(spec)

@@ -152,16 +152,6 @@ async def test_a_failed_action_is_recorded_and_does_not_stop_the_others(
     assert result.stage is Stage.NOTIFIED
 
 
-async def test_an_unimplemented_actionner_fails_loudly_instead_of_pretending(
-    registry: ActionnerRegistry,
-    load_rules: Callable[..., RuleSet],
-    make_event: Callable[..., FalcoEvent],
-) -> None:
-    rules = load_rules(rule("net", "kubernetes:networkpolicy"))
-    result = await run(rules, registry, make_event())
-    assert [(s.outcome, s.reason) for s in result.steps] == [(Outcome.FAILED, "not implemented")]
-
-
 async def test_a_slow_action_times_out_as_a_failure(
     load_rules: Callable[..., RuleSet],
     registry: ActionnerRegistry,
@@ -233,10 +223,14 @@ async def test_models_are_never_attached_to_the_shared_machine(
     registry: ActionnerRegistry,
     make_event: Callable[..., FalcoEvent],
 ) -> None:
+    def live_runs() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, machine.EventRun))
+
     rules = load_rules(rule("A", "test:record"))
     pipeline = Pipeline(rules, registry)
+    before = live_runs()
     for _ in range(200):
         await pipeline.process(make_event())
-    gc.collect()
     assert MACHINE.models == []
-    assert not [o for o in gc.get_objects() if isinstance(o, machine.EventRun)]
+    assert live_runs() == before

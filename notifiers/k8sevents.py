@@ -1,0 +1,107 @@
+"""The ``k8sevents`` notifier: each action result as a Kubernetes Event on the pod.
+
+Position in the flow: ... -> actionners -> **notifiers** (the last stage).
+
+Creates a core/v1 Event in the target pod's namespace whose ``involvedObject`` names the
+pod with its ``uid``, so ``kubectl describe pod``, ``kubectl get events`` and tools such as
+Argo CD show it next to the pod. ``reason`` names the action and its outcome
+(``TerminateSucceeded``), ``type`` is Warning for a failure and Normal otherwise. Needs no
+configuration; uses the engine's shared Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from engine import kubeapi
+from engine.errors import PermanentError
+from engine.kubeapi import NotFound, RbacRule
+from engine.results import Outcome
+from notifiers.registry import Notification, notifier
+
+COMPONENT = "falco-talon"
+MESSAGE_LIMIT = 1024
+
+
+def reason(note: Notification) -> str:
+    """``kubernetes:terminate`` + succeeded -> ``TerminateSucceeded`` (CamelCase, <= 128)."""
+    action = note.action.split(":", 1)[-1]
+    words = [w for part in action.replace("_", "-").split("-") for w in [part] if w]
+    return ("".join(w[:1].upper() + w[1:] for w in words) + note.result.outcome.value.title())[:128]
+
+
+def message(note: Notification) -> str:
+    result = note.result
+    text = f"falco-talon rule {note.rule!r}: {note.action} {result.outcome.value}"
+    if result.reason:
+        text += f": {result.reason}"
+    text += f" (Falco rule {note.event.rule!r}, priority {note.event.priority})"
+    return text[:MESSAGE_LIMIT]
+
+
+@notifier(
+    "k8sevents",
+    description="Create a Kubernetes Event on the target pod for each action result.",
+    needs_settings=False,
+    rbac=(RbacRule(("",), ("events",), ("create",)), RbacRule(("",), ("pods",), ("get",))),
+)
+async def send(note: Notification, settings: Mapping[str, Any]) -> None:
+    target = note.result.target
+    if not target.pod or not target.namespace:
+        raise PermanentError("the action result names no pod: no Kubernetes Event to create")
+    api = kubeapi.current()
+    uid = target.uid
+    if uid is None:
+        try:
+            pod = await api.call(
+                f"get pod {target.namespace}/{target.pod}",
+                api.core.read_namespaced_pod,
+                target.pod,
+                target.namespace,
+            )
+            uid = pod.metadata.uid
+        except NotFound:
+            uid = None  # the pod is gone: the Event still names it
+    now = datetime.now(UTC)
+    involved: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": target.pod,
+        "namespace": target.namespace,
+    }
+    if uid:
+        involved["uid"] = uid
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "generateName": f"{target.pod[:200]}.falco-talon.",
+            "namespace": target.namespace,
+            "labels": {"app.kubernetes.io/managed-by": COMPONENT},
+            "annotations": {
+                "falco-talon/event-id": note.event.id,
+                "falco-talon/rule": note.rule[:253],
+                **({"falco-talon/trace-id": note.trace_id} if note.trace_id else {}),
+            },
+        },
+        "involvedObject": involved,
+        "reason": reason(note),
+        "message": message(note),
+        "type": "Warning" if note.result.outcome is Outcome.FAILED else "Normal",
+        "source": {"component": COMPONENT, "host": socket.gethostname()},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": socket.gethostname()[:128],
+        "action": note.action[:128],
+        "firstTimestamp": now.isoformat(),
+        "lastTimestamp": now.isoformat(),
+        "count": 1,
+    }
+    await api.call(
+        f"create event in {target.namespace}",
+        api.core.create_namespaced_event,
+        target.namespace,
+        body,
+    )

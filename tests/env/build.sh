@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Build the binaries of the local test control plane from the Go module proxy.
+#
+#   tests/env/build.sh            kube-apiserver + etcd (default)
+#   tests/env/build.sh k8s        same
+#   tests/env/build.sh jaeger     Jaeger v2 all-in-one binary
+#
+# Binaries are cached outside the repository, in
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/k8s-<K8S_VERSION>-etcd-<ETCD_VERSION>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/jaeger-<JAEGER_VERSION>/
+# A second run finds them there and returns at once. If KUBEBUILDER_ASSETS names
+# a directory holding kube-apiserver and etcd (as setup-envtest provides), that
+# directory is used and nothing is built.
+#
+# Progress goes to stderr; the last line on stdout is the bin directory.
+#
+# Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, GO (the go
+# binary), GOPROXY, XDG_CACHE_HOME.
+set -euo pipefail
+
+K8S_VERSION="${K8S_VERSION:-v1.34.12}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv"
+
+log() { printf '[testenv/build] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+target="${1:-k8s}"
+
+have_bins() { # dir bin...
+    local dir="$1"; shift
+    local b
+    for b in "$@"; do [[ -x "$dir/$b" && -f "$dir/$b" ]] || return 1; done
+}
+
+# ---------------------------------------------------------------- fast paths
+case "$target" in
+k8s)
+    if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+        have_bins "$KUBEBUILDER_ASSETS" kube-apiserver etcd \
+            || die "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks kube-apiserver and/or etcd"
+        echo "$KUBEBUILDER_ASSETS"
+        exit 0
+    fi
+    BIN_DIR="$CACHE_ROOT/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
+    have_bins "$BIN_DIR" kube-apiserver etcd && { echo "$BIN_DIR"; exit 0; }
+    ;;
+jaeger)
+    BIN_DIR="$CACHE_ROOT/jaeger-$JAEGER_VERSION"
+    have_bins "$BIN_DIR" jaeger && { echo "$BIN_DIR"; exit 0; }
+    ;;
+-h|--help|help)
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+*)
+    die "unknown target '$target' (expected: k8s, jaeger)"
+    ;;
+esac
+
+# ---------------------------------------------------------------- slow path
+GO="${GO:-$(command -v go || true)}"
+[[ -n "$GO" ]] || GO=/usr/local/go/bin/go
+[[ -x "$GO" ]] || die "no Go toolchain found (set GO=/path/to/go)"
+
+# Never switch toolchains behind our back, resolve missing deps, static binaries.
+export GOTOOLCHAIN=local
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
+export CGO_ENABLED=0
+export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
+
+mkdir -p "$BIN_DIR"
+# Serialise concurrent builds (e.g. several pytest-xdist workers).
+exec 9>"$BIN_DIR.lock"
+if command -v flock >/dev/null 2>&1; then
+    log "waiting for build lock $BIN_DIR.lock"
+    flock 9
+fi
+
+SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/falco-talon-testenv-build.XXXXXX")"
+trap 'rm -rf "$SCRATCH"' EXIT
+
+START=$SECONDS
+log "$("$GO" version); scratch module in $SCRATCH"
+
+# go build into a temporary name, then rename: a half-written binary never
+# looks like a cached one.
+gobuild() { # out-path ldflags package
+    local out="$1" ldflags="$2" pkg="$3"
+    log "go build $pkg -> $out"
+    "$GO" build -trimpath -ldflags="-s -w $ldflags" -o "$out.tmp.$$" "$pkg"
+    mv -f "$out.tmp.$$" "$out"
+}
+
+build_etcd() {
+    [[ -x "$BIN_DIR/etcd" ]] && return 0
+    local dir="$SCRATCH/etcd"
+    mkdir -p "$dir"
+    # go.etcd.io/etcd/server/v3 is itself package main (server/main.go calls
+    # etcdmain.Main), so it can be built straight from the module.
+    (
+        cd "$dir"
+        "$GO" mod init falco-talon.local/testenv/etcd >/dev/null 2>&1
+        log "go get -tool go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+        "$GO" get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+        gobuild "$BIN_DIR/etcd" "" go.etcd.io/etcd/server/v3
+    )
+    "$BIN_DIR/etcd" --version >&2
+}
+
+build_kube_apiserver() {
+    [[ -x "$BIN_DIR/kube-apiserver" ]] && return 0
+    local dir="$SCRATCH/k8s" gomod minor patch staging
+    mkdir -p "$dir"
+    [[ "$K8S_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] \
+        || die "K8S_VERSION must look like v1.N.M, got $K8S_VERSION"
+    minor="${BASH_REMATCH[1]}"; patch="${BASH_REMATCH[2]}"
+    staging="v0.$minor.$patch"
+
+    # kubernetes' own go.mod requires every staging module at v0.0.0 and
+    # replaces it with ./staging/src/k8s.io/<name>, which only works inside
+    # the kubernetes source tree. Read it from the module cache and turn each
+    # such replace into the published tag of that staging module.
+    log "go mod download k8s.io/kubernetes@$K8S_VERSION (large, first time only)"
+    gomod="$(cd "$SCRATCH" && "$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION" \
+        | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
+    [[ -f "$gomod" ]] || die "could not download k8s.io/kubernetes@$K8S_VERSION"
+
+    {
+        echo "// Generated by tests/env/build.sh from k8s.io/kubernetes@$K8S_VERSION/go.mod"
+        echo "module falco-talon.local/testenv/k8s"
+        echo
+        # same language version and GODEBUG defaults as an upstream build
+        grep -E '^(go|godebug) ' "$gomod"
+        echo
+        echo "require k8s.io/kubernetes $K8S_VERSION"
+        echo
+        echo "replace ("
+        awk -v ver="$staging" '
+            /^require[[:space:]]*\(/ { inreq = 1; next }
+            /^replace[[:space:]]*\(/ { inrep = 1; next }
+            /^\)/ { inreq = 0; inrep = 0; next }
+            inreq && $1 ~ /^k8s\.io\// && $2 == "v0.0.0" { req[$1] = 1 }
+            inrep && $2 == "=>" && $3 ~ /^\.\/staging\// { rep[$1] = 1 }
+            END { for (m in rep) if (m in req) printf "\t%s => %s %s\n", m, m, ver }
+        ' "$gomod" | sort
+        echo ")"
+    } >"$dir/go.mod"
+    log "scratch go.mod: $(grep -c '=>' "$dir/go.mod") staging replaces at $staging"
+
+    local ld="" p
+    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+        ld+=" -X $p.gitTreeState=clean -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    done
+    (
+        cd "$dir"
+        log "go get -tool k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION"
+        "$GO" get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION"
+        gobuild "$BIN_DIR/kube-apiserver" "$ld" k8s.io/kubernetes/cmd/kube-apiserver
+    )
+    "$BIN_DIR/kube-apiserver" --version >&2
+}
+
+build_jaeger() {
+    [[ -x "$BIN_DIR/jaeger" ]] && return 0
+    local dir="$SCRATCH/jaeger"
+    mkdir -p "$dir"
+    (
+        cd "$dir"
+        "$GO" mod init falco-talon.local/testenv/jaeger >/dev/null 2>&1
+        log "go get -tool github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION"
+        "$GO" get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION"
+        gobuild "$BIN_DIR/jaeger" \
+            "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=$JAEGER_VERSION" \
+            github.com/jaegertracing/jaeger/cmd/jaeger
+    )
+}
+
+case "$target" in
+k8s)
+    build_etcd
+    build_kube_apiserver
+    ;;
+jaeger)
+    build_jaeger
+    ;;
+esac
+
+log "done in $((SECONDS - START))s; $(du -sh "$BIN_DIR" | cut -f1) in $BIN_DIR"
+echo "$BIN_DIR"
