@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
-.PHONY: help install run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down
+.PHONY: help install run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down jaeger
 
 help:
 	@echo "make run    - install, start the local control plane + demo workloads, serve examples/ on 127.0.0.1:2803"
@@ -40,6 +40,9 @@ testenv-up: install
 
 testenv-down: install
 	$(BIN)/python -m tests.env.testenv down
+
+jaeger: install
+	$(BIN)/python -m tests.env.jaeger --state-dir "$${XDG_RUNTIME_DIR:-/tmp}/falco-talon-jaeger"
 
 lint: install
 	$(BIN)/ruff check .

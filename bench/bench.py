@@ -161,6 +161,63 @@ def bench_dry_run() -> dict[str, Any]:
     }
 
 
+async def _traced_run(events: list[FalcoEvent], ruleset: RuleSet, tracing: Any) -> float:
+    from observability.tracing import SpanKind
+
+    actionners, _ = load_plugins()
+    pipeline = Pipeline(ruleset, actionners, dry_run=True, tracing=tracing)
+    start = time.perf_counter()
+    for e in events:
+        # What the HTTP handler adds: the trace and its root span.
+        trace = tracing.begin(None)
+        root = trace.start("POST /", kind=SpanKind.SERVER, http__request__method="POST")
+        root.end()
+        tracing.submit(trace)
+        await pipeline.process(e, trace, root)
+    elapsed = time.perf_counter() - start
+    await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+    return elapsed
+
+
+def bench_tracing() -> dict[str, Any]:
+    """Dry-run throughput (root span included) with tracing off, on with an exporter that
+    drops everything, and on exporting to a local Jaeger over OTLP/gRPC."""
+    import logging
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from observability.tracing import Tracing, TracingSettings
+    from tests.env.jaeger import TestJaeger
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    logging.getLogger().setLevel(logging.WARNING)
+    ruleset = RulesLoader(*load_plugins()).load([ROOT / "examples" / "rules.yaml"])
+    events = make_events(10000, 10)
+    for e in events:
+        e.rule = "Terminal shell in container"
+    out: dict[str, Any] = {}
+    off = asyncio.run(_traced_run(events, ruleset, Tracing()))
+    out["off_events_per_s"] = round(len(events) / off)
+    noop = asyncio.run(_traced_run(events, ruleset, Tracing(exporter=Discard())))
+    out["noop_exporter_events_per_s"] = round(len(events) / noop)
+    jaeger = TestJaeger()
+    info = jaeger.start()
+    try:
+        tracing = Tracing(TracingSettings(enabled=True, endpoint=info.otlp_grpc_endpoint))
+        to_jaeger = asyncio.run(_traced_run(events, ruleset, tracing))
+        out["jaeger_events_per_s"] = round(len(events) / to_jaeger)
+        out["jaeger_spans_exported"] = tracing.exported
+    finally:
+        jaeger.stop()
+    out["cost_noop_pct"] = round((1 - off / noop) * 100, 1) if noop else None
+    out["cost_jaeger_pct"] = round((1 - off / to_jaeger) * 100, 1)
+    out["spans_per_event"] = 9
+    return out
+
+
 def rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -315,7 +372,7 @@ def _loadgen(port: int, seconds: int, connections: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["matching", "dry_run", "ingest", "memory"]
+    which = sys.argv[1:] or ["matching", "dry_run", "tracing", "ingest", "memory"]
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     }
@@ -323,6 +380,8 @@ def main() -> None:
         results["matching"] = bench_matching()
     if "dry_run" in which:
         results["dry_run"] = bench_dry_run()
+    if "tracing" in which:
+        results["tracing"] = bench_tracing()
     if "ingest" in which:
         results["ingest"] = bench_ingest()
     if "memory" in which:
@@ -338,6 +397,7 @@ def main() -> None:
         .get("events_per_s", 0)
         >= 5000,
         "dry run >= 2000/s": results.get("dry_run", {}).get("events_per_s", 0) >= 2000,
+        "tracing on costs < 30%": (results.get("tracing", {}).get("cost_jaeger_pct") or 100) < 30,
         "ingest >= 5000/s, p99 < 20 ms": (
             results.get("ingest", {}).get("requests_per_s", 0) >= 5000
             and results.get("ingest", {}).get("p99_ms", 1e9) < 20

@@ -129,6 +129,8 @@ async def _serve(settings: Settings) -> None:
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher
     from engine.server import Service, serve
+    from observability.metrics import Metrics
+    from observability.tracing import Tracing
 
     actionners, notifiers = load_plugins()
     loader = RulesLoader(actionners, notifiers)
@@ -145,10 +147,14 @@ async def _serve(settings: Settings) -> None:
         extra={"fields": {"config": json.dumps(redacted(settings, notifiers), default=str)}},
     )
     n = settings.notifications
+    tracing = Tracing(settings.tracing)
+    metrics = Metrics()
     dispatcher = Dispatcher(
         notifiers,
         notifier_settings(settings, notifiers),
         DeliveryPolicy(timeout=n.timeout, attempts=n.attempts),
+        tracing=tracing,
+        metrics=metrics,
     )
     pipeline = Pipeline(
         ruleset,
@@ -157,6 +163,8 @@ async def _serve(settings: Settings) -> None:
         default_notifiers=tuple(n.default_notifiers),
         dry_run=settings.actions.dry_run,
         action_timeout=settings.actions.timeout,
+        tracing=tracing,
+        metrics=metrics,
     )
     watcher = None
     if settings.rules.watch:

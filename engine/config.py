@@ -24,6 +24,7 @@ import jsonschema
 from engine.errors import ConfigError
 from engine.sourcemap import Document, json_path, load_yaml
 from notifiers.registry import NotifierRegistry
+from observability.tracing import TracingSettings
 
 DEFAULT_CONFIG = "/etc/falco-talon/config.yaml"
 DEFAULT_RULES = "/etc/falco-talon/rules.yaml"
@@ -169,6 +170,49 @@ class Settings:
     actions: ActionSettings = field(default_factory=ActionSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+
+
+OTEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "OpenTelemetry traces (OTLP). The standard OTEL_EXPORTER_OTLP_* variables "
+    "and OTEL_SERVICE_NAME are honoured too.",
+    "additionalProperties": False,
+    "properties": {
+        "enabled": {"type": "boolean", "default": False, "description": "Export traces."},
+        "endpoint": {
+            "type": "string",
+            "description": "OTLP endpoint: host:port for grpc, http://host:4318 for http/protobuf.",
+        },
+        "protocol": {"type": "string", "enum": ["grpc", "http/protobuf"], "default": "grpc"},
+        "headers": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Headers sent with each export (secret: never printed).",
+        },
+        "insecure": {"type": "boolean", "default": True, "description": "gRPC without TLS."},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "default": 10},
+        "samplingRatio": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 1.0,
+            "description": "Share of events traced (a caller's sampled "
+            "traceparent is always followed).",
+        },
+        "serviceName": {"type": "string", "default": "falco-talon"},
+    },
+}
+_OTEL_FIELDS = {
+    "enabled": "enabled",
+    "endpoint": "endpoint",
+    "protocol": "protocol",
+    "headers": "headers",
+    "insecure": "insecure",
+    "timeout": "timeout",
+    "samplingRatio": "sampling_ratio",
+    "serviceName": "service_name",
+}
 
 
 _GROUPS: dict[str, type[Any]] = {
@@ -177,6 +221,7 @@ _GROUPS: dict[str, type[Any]] = {
     "actions": ActionSettings,
     "notifications": NotificationSettings,
     "logging": LoggingSettings,
+    "tracing": TracingSettings,
 }
 """Settings attribute -> its group's class (the same order as :class:`Settings`)."""
 
@@ -185,8 +230,11 @@ def _options() -> dict[str, tuple[str, str, dict[str, Any]]]:
     """config key -> (group attribute, field attribute, schema)."""
     out = {}
     for group_name, factory in _GROUPS.items():
+        if factory is TracingSettings:
+            continue
         for f in fields(factory()):
             out[f.metadata["key"]] = (group_name, f.name, f.metadata["schema"])
+    out["otel"] = ("tracing", "*", OTEL_SCHEMA)
     return out
 
 
@@ -239,7 +287,7 @@ def _coerce(text: str, schema: Mapping[str, Any]) -> Any:
 def _env_layer(env: Mapping[str, str], notifiers: NotifierRegistry) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (_, _, schema) in OPTIONS.items():
-        if key == "notifiers":
+        if key in ("notifiers", "otel"):
             continue
         if key.upper() in env:
             out[key] = _coerce(env[key.upper()], schema)
@@ -256,6 +304,36 @@ def _env_layer(env: Mapping[str, str], notifiers: NotifierRegistry) -> dict[str,
                 value = _coerce(text, props.get(name, {}))
                 out.setdefault("notifiers", {}).setdefault(spec.name, {})[name] = value
                 break
+    otel = _otel_env(env)
+    if otel:
+        out["otel"] = otel
+    return out
+
+
+def _otel_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``OTEL_<KEY>`` for the ``otel`` section, plus the OpenTelemetry standard variables."""
+    out: dict[str, Any] = {}
+    props = OTEL_SCHEMA["properties"]
+    for key in props:
+        if f"OTEL_{key.upper()}" in env:
+            out[key] = _coerce(env[f"OTEL_{key.upper()}"], props[key])
+    standard = {
+        "endpoint": env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "protocol": env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL"),
+        "serviceName": env.get("OTEL_SERVICE_NAME"),
+        "samplingRatio": env.get("OTEL_TRACES_SAMPLER_ARG"),
+    }
+    for key, text in standard.items():
+        if text and key not in out:
+            out[key] = _coerce(text, props[key])
+    raw_headers = env.get("OTEL_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS")
+    if raw_headers and isinstance(out.get("headers", raw_headers), str):
+        pairs = (h.split("=", 1) for h in raw_headers.split(",") if "=" in h)
+        out["headers"] = {k.strip(): v.strip() for k, v in pairs}
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        out["enabled"] = False
     return out
 
 
@@ -350,6 +428,9 @@ def _build(values: Mapping[str, Any]) -> Settings:
     groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
     for key, value in values.items():
         group, attr, _ = OPTIONS[key]
+        if key == "otel":
+            groups[group] = {_OTEL_FIELDS[k]: v for k, v in (value or {}).items()}
+            continue
         groups[group][attr] = _as_list(value) if key in ("rulesFile", "defaultNotifiers") else value
     return Settings(**{name: _GROUPS[name](**kw) for name, kw in groups.items()})
 
@@ -400,6 +481,11 @@ def secret_values(settings: Settings, notifiers: NotifierRegistry) -> list[str]:
 
 
 def redact_message(text: str, notifiers: NotifierRegistry, raw: Mapping[str, Any]) -> str:
+    otel = raw.get("otel")
+    headers = otel.get("headers") if isinstance(otel, Mapping) else None
+    for value in headers.values() if isinstance(headers, Mapping) else ():
+        if value:
+            text = text.replace(str(value), REDACTED)
     for name, values in (raw.get("notifiers") or {}).items():
         spec = notifiers.get(name)
         if spec is None or not isinstance(values, Mapping):
@@ -415,6 +501,11 @@ def redacted(settings: Settings, notifiers: NotifierRegistry) -> dict[str, Any]:
     """The effective config as the file's keys, with every secret replaced by ``********``."""
     out: dict[str, Any] = {}
     for key, (group, attr, _) in OPTIONS.items():
+        if key == "otel":
+            t = settings.tracing
+            out[key] = {k: getattr(t, a) for k, a in _OTEL_FIELDS.items()}
+            out[key]["headers"] = {h: REDACTED for h in t.headers}
+            continue
         out[key] = getattr(getattr(settings, group), attr)
     shown: dict[str, Any] = {}
     for name, values in settings.notifications.notifiers.items():

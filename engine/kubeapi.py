@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.errors import PermanentError, TemporaryError
+from observability.tracing import SpanRecord, child
 
 log = logging.getLogger("falco_talon.kubeapi")
 
@@ -158,6 +159,13 @@ class KubeApi:
         Returns the client's model object (typed ``Any``: the client's models are loosely
         typed, and every field of them may be None)."""
         kwargs.setdefault("_request_timeout", self.retry.timeout)
+        # Span names stay low-cardinality (the client method); the object goes in attributes.
+        with child(f"k8s {getattr(fn, '__name__', 'call')}", k8s__request=what) as span:
+            return await self._call(span, what, fn, *args, **kwargs)
+
+    async def _call(
+        self, span: SpanRecord, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         loop = asyncio.get_running_loop()
         delay = self.retry.backoff
         for attempt in range(1, self.retry.attempts + 1):
@@ -167,12 +175,15 @@ class KubeApi:
                 error = classify(exc, what)
                 if error is exc:
                     raise
+                status = getattr(error, "status", None)
+                span.set(http__response__status_code=status)
                 if not isinstance(error, ApiTemporaryError) or attempt == self.retry.attempts:
                     if isinstance(error, ApiTemporaryError):
                         error = ApiTemporaryError(
                             f"{error} after {attempt} attempt(s)", error.status
                         )
                     raise error from exc
+                span.event("retry", talon__attempt=attempt, talon__reason=str(error))
                 log.warning("%s failed (%s), retry %d in %.2fs", what, error, attempt, delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.retry.max_backoff)

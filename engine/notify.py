@@ -23,8 +23,12 @@ from typing import Any
 from engine.errors import PermanentError, TemporaryError
 from engine.machine import EventRun
 from notifiers.registry import Notification, NotifierRegistry
+from observability.metrics import Metrics
+from observability.tracing import ACTIVE, NO_SPAN, NO_TRACE, SpanRecord, Trace, Tracing
 
 log = logging.getLogger("falco_talon.notify")
+
+Item = tuple[Notification, Trace, SpanRecord | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,17 +54,23 @@ class Dispatcher:
         notifiers: NotifierRegistry,
         settings: Mapping[str, Mapping[str, Any]],
         policy: DeliveryPolicy = DeliveryPolicy(),
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.notifiers = notifiers
+        self.tracing = tracing
+        self.metrics = metrics
         self.settings = settings
         self.policy = policy
         self.stats: Counter[tuple[str, str]] = Counter()
         """(notifier, outcome) -> count; outcomes: delivered, retried, failed, refused."""
-        self._queues: dict[str, asyncio.Queue[Notification]] = {}
+        self._queues: dict[str, asyncio.Queue[Item]] = {}
         self._workers: list[asyncio.Task[None]] = []
 
-    def submit(self, run: EventRun) -> None:
-        """Queue every delivery of ``run``; never waits."""
+    def submit(
+        self, run: EventRun, trace: Trace = NO_TRACE, parent: SpanRecord | None = None
+    ) -> None:
+        """Queue every delivery of ``run``; never waits. Send spans go under ``parent``."""
         for d in run.deliveries:
             result = d.step.result
             if result is None:
@@ -75,9 +85,9 @@ class Dispatcher:
             )
             queue = self._queue(d.notifier)
             try:
-                queue.put_nowait(note)
+                queue.put_nowait((note, trace, parent))
             except asyncio.QueueFull:
-                self.stats[(d.notifier, "refused")] += 1
+                self._count(d.notifier, "refused")
                 log.error(
                     "notification refused: %s queue is full",
                     d.notifier,
@@ -90,7 +100,12 @@ class Dispatcher:
                     },
                 )
 
-    def _queue(self, name: str) -> asyncio.Queue[Notification]:
+    def _count(self, name: str, outcome: str) -> None:
+        self.stats[(name, outcome)] += 1
+        if self.metrics is not None:
+            self.metrics.notifications.labels(name, outcome).inc()
+
+    def _queue(self, name: str) -> asyncio.Queue[Item]:
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = asyncio.Queue(self.policy.queue_size)
@@ -99,20 +114,34 @@ class Dispatcher:
             )
         return queue
 
-    async def _work(self, name: str, queue: asyncio.Queue[Notification]) -> None:
+    async def _work(self, name: str, queue: asyncio.Queue[Item]) -> None:
         while True:
-            note = await queue.get()
+            note, trace, parent = await queue.get()
+            span = trace.start(
+                f"notify {name}",
+                parent,
+                talon__notifier=name,
+                talon__rule=note.rule,
+                talon__action=note.action,
+                talon__outcome=note.result.outcome.value,
+            )
+            token = ACTIVE.set((trace, span))
             try:
-                await self.deliver(name, note)
-            except Exception:  # a bug in a notifier must not kill its worker
+                await self.deliver(name, note, span)
+            except Exception as exc:  # a bug in a notifier must not kill its worker
+                span.fail(f"{type(exc).__name__}: {exc}", exc)
                 log.exception(
                     "notifier %s crashed", name, extra={"fields": {"event_id": note.event.id}}
                 )
-                self.stats[(name, "failed")] += 1
+                self._count(name, "failed")
             finally:
+                ACTIVE.reset(token)
+                span.end()
                 queue.task_done()
+                if self.tracing is not None:
+                    self.tracing.submit(trace)
 
-    async def deliver(self, name: str, note: Notification) -> bool:
+    async def deliver(self, name: str, note: Notification, span: SpanRecord = NO_SPAN) -> bool:
         """Send one notification with retries; True when delivered."""
         spec = self.notifiers[name]
         settings = self.settings.get(name, {})
@@ -127,15 +156,18 @@ class Dispatcher:
             try:
                 await asyncio.wait_for(spec.send(note, settings), self.policy.timeout)
             except PermanentError as exc:
-                return self._failed(name, f"{exc}", fields, attempt)
+                return self._failed(name, f"{exc}", fields, attempt, span)
             except (TemporaryError, TimeoutError, OSError) as exc:
                 reason = str(exc) or type(exc).__name__
                 if isinstance(exc, TimeoutError):
                     reason = f"timed out after {self.policy.timeout:g}s"
                 if attempt == self.policy.attempts:
-                    return self._failed(name, reason, fields, attempt)
+                    return self._failed(name, reason, fields, attempt, span)
                 wait = exc.delay if isinstance(exc, TemporaryError) and exc.delay else delay
-                self.stats[(name, "retried")] += 1
+                self._count(name, "retried")
+                span.event(
+                    "retry", talon__attempt=attempt, talon__reason=reason, talon__delay_s=wait
+                )
                 log.warning(
                     "notifier %s failed (%s), retrying in %.1fs",
                     name,
@@ -146,13 +178,18 @@ class Dispatcher:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, self.policy.max_backoff)
             else:
-                self.stats[(name, "delivered")] += 1
+                self._count(name, "delivered")
+                span.set(talon__attempts=attempt)
                 log.debug("notified %s", name, extra={"fields": fields})
                 return True
         return False
 
-    def _failed(self, name: str, reason: str, fields: dict[str, Any], attempts: int) -> bool:
-        self.stats[(name, "failed")] += 1
+    def _failed(
+        self, name: str, reason: str, fields: dict[str, Any], attempts: int, span: SpanRecord
+    ) -> bool:
+        self._count(name, "failed")
+        span.set(talon__attempts=attempts)
+        span.fail(f"failed after {attempts} attempt(s): {reason}")
         log.error(
             "notification to %s failed for good after %d attempt(s): %s",
             name,

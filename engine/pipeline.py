@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from actionners.registry import ActionContext, ActionnerRegistry
 from engine import machine
@@ -26,8 +28,25 @@ from engine.matcher import Matcher
 from engine.notify import Dispatcher
 from engine.results import ActionResult, Outcome
 from engine.rules import RuleSet
+from observability.metrics import Metrics
+from observability.tracing import ACTIVE as _LOG_CONTEXT
+from observability.tracing import SpanRecord, Trace, Tracing
 
 log = logging.getLogger("falco_talon.pipeline")
+
+
+def _event_attributes(event: FalcoEvent) -> dict[str, Any]:
+    target = event.target
+    return {
+        "falco__rule": event.rule,
+        "falco__priority": event.priority,
+        "falco__source": event.source,
+        "falco__hostname": event.hostname,
+        "falco__output": event.output,
+        "talon__event_id": event.id,
+        "k8s__pod__name": target.pod,
+        "k8s__namespace__name": target.namespace,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +73,8 @@ class Pipeline:
         default_notifiers: tuple[str, ...] = (),
         dry_run: bool = False,
         action_timeout: float = 30.0,
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.compiled = CompiledRules.of(rules)
         self.actionners = actionners
@@ -61,6 +82,8 @@ class Pipeline:
         self.default_notifiers = default_notifiers
         self.dry_run = dry_run
         self.action_timeout = action_timeout
+        self.tracing = tracing
+        self.metrics = metrics
         self.stats: Counter[str] = Counter()
         """Final states and outcomes, for health and metrics."""
 
@@ -68,9 +91,23 @@ class Pipeline:
         """Swap the rules; runs already started keep the ones they started with."""
         self.compiled = CompiledRules.of(rules)
 
-    async def process(self, event: FalcoEvent) -> EventRun:
+    async def process(
+        self, event: FalcoEvent, trace: Trace | None = None, parent: SpanRecord | None = None
+    ) -> EventRun:
+        """Run ``event`` to a final state. ``trace``/``parent``: the trace and span (the HTTP
+        request's) the state spans go under; a fresh trace when not given."""
+        if trace is None:
+            trace = (
+                self.tracing.begin()
+                if self.tracing is not None
+                else Trace(random.getrandbits(128) or 1, sampled=False)
+            )
         compiled = self.compiled
         run = machine.start(EventRun(event, compiled.matcher, self.default_notifiers))
+        run.trace_id = trace.trace_id_hex
+        started = time.perf_counter()
+        span = trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
+        token = _LOG_CONTEXT.set((trace, span))
         if event.level is None:
             log.warning(
                 "event priority %r is not a Falco priority: no priority criterion holds",
@@ -80,59 +117,120 @@ class Pipeline:
         try:
             while not run.finished:
                 machine.advance(run)
+                span.end()
+                span = trace.start(run.state, parent, talon__event_id=event.id)
+                _LOG_CONTEXT.set((trace, span))
                 for step in run.pending:
-                    await self._execute(run, step)
-            for step in run.steps if log.isEnabledFor(logging.INFO) else ():
-                if not step.ran:
-                    log.info(
-                        "%s skipped: %s (%s)",
-                        step.rule.action,
-                        step.rule.name,
-                        step.reason,
-                        extra={
-                            "fields": {
-                                "event_id": event.id,
-                                "rule": step.rule.name,
-                                "action": step.rule.action,
-                                "stage": step.stage.value,
-                                "outcome": "skipped",
-                            }
-                        },
-                    )
-            if run.state == machine.Stage.UNMATCHED:
-                log.debug(
-                    "no rule matched",
-                    extra={"fields": {"event_id": event.id, "falco_rule": event.rule}},
-                )
+                    await self._execute(run, step, trace, span)
+                self._record_state(run, span)
         except asyncio.CancelledError:
             machine.fail(run, "cancelled")
             raise
         except Exception as exc:
+            span.fail(f"{type(exc).__name__}: {exc}", exc)
+            span.end()
             machine.fail(run, f"{type(exc).__name__}: {exc}")
+            span = trace.start(run.state, parent, talon__error=run.error)
+            span.fail(run.error)
             log.exception(
                 "event run failed in state %s",
-                run.history[-1][0].value,
+                run.history[-2][0].value,
                 extra={"fields": {"event_id": event.id}},
             )
+        finally:
+            span.end()
+            _LOG_CONTEXT.reset(token)
         self.stats[run.state] += 1
+        if self.metrics is not None:
+            self.metrics.events_processed.labels(run.state).inc()
+            self.metrics.event_seconds.observe(time.perf_counter() - started)
         if self.dispatcher is not None and run.deliveries:
-            self.dispatcher.submit(run)
+            self.dispatcher.submit(run, trace, span)
+        if self.tracing is not None:
+            self.tracing.submit(trace)
         return run
 
-    async def _execute(self, run: EventRun, step: Step) -> None:
+    def _record_state(self, run: EventRun, span: SpanRecord) -> None:
+        """What the state decided, on its span, in the log and in the metrics."""
+        state = run.state
+        if state == machine.Stage.MATCHED:
+            span.set(talon__matched_rules=[r.name for r in run.matched])
+            if self.metrics is not None:
+                for rule in run.matched:
+                    self.metrics.rules_matched.labels(rule.name).inc()
+        elif state == machine.Stage.ACTIONS:
+            for step in run.steps:
+                if step.stage is machine.Stage.ACTIONS and not step.ran:
+                    span.event(
+                        "step skipped",
+                        talon__rule=step.rule.name,
+                        talon__action=step.rule.action,
+                        talon__reason=step.reason,
+                    )
+                    self._count_action(step.rule.action, Outcome.SKIPPED)
+                    if log.isEnabledFor(logging.INFO):
+                        log.info(
+                            "%s skipped: %s (%s)",
+                            step.rule.action,
+                            step.rule.name,
+                            step.reason,
+                            extra={
+                                "fields": {
+                                    "event_id": run.event.id,
+                                    "rule": step.rule.name,
+                                    "action": step.rule.action,
+                                    "stage": step.stage.value,
+                                    "outcome": "skipped",
+                                }
+                            },
+                        )
+        elif state == machine.Stage.UNMATCHED:
+            span.event("no rule matched", falco__rule=run.event.rule)
+            log.debug(
+                "no rule matched",
+                extra={"fields": {"event_id": run.event.id, "falco_rule": run.event.rule}},
+            )
+        elif state == machine.Stage.NOTIFIED:
+            span.set(talon__notifications=len(run.deliveries))
+
+    def _count_action(self, actionner: str, outcome: Outcome, seconds: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.actions.labels(actionner, outcome.value).inc()
+            if seconds is not None:
+                self.metrics.action_seconds.labels(actionner).observe(seconds)
+
+    async def _execute(self, run: EventRun, step: Step, trace: Trace, state: SpanRecord) -> None:
         rule = step.rule
+        target = run.event.target
+        span = trace.start(
+            rule.action,
+            state,
+            talon__rule=rule.name,
+            talon__action=rule.action,
+            talon__before=rule.before,
+            talon__continue=rule.continue_,
+            k8s__pod__name=target.pod,
+            k8s__namespace__name=target.namespace,
+        )
         started = time.perf_counter()
         if self.dry_run:
-            result = ActionResult(
-                Outcome.PLANNED, "dry run: nothing was touched", target=run.event.target
-            )
+            result = ActionResult(Outcome.PLANNED, "dry run: nothing was touched", target=target)
         else:
-            result = await self._call(run, step)
+            token = _LOG_CONTEXT.set((trace, span))
+            try:
+                result = await self._call(run, step, span)
+            finally:
+                _LOG_CONTEXT.reset(token)
         step.duration = time.perf_counter() - started
         step.result = result
         step.outcome = result.outcome
         step.reason = result.reason
+        span.set(talon__outcome=result.outcome.value, talon__reason=result.reason)
+        if result.outcome is Outcome.FAILED:
+            span.fail(result.reason)
+        span.end()
         self.stats[f"action.{result.outcome.value}"] += 1
+        self._count_action(rule.action, result.outcome, step.duration)
         level = logging.WARNING if result.outcome is Outcome.FAILED else logging.INFO
         if not log.isEnabledFor(level):
             return
@@ -155,7 +253,7 @@ class Pipeline:
             },
         )
 
-    async def _call(self, run: EventRun, step: Step) -> ActionResult:
+    async def _call(self, run: EventRun, step: Step, span: SpanRecord) -> ActionResult:
         rule = step.rule
         target = run.event.target
         spec = self.actionners.get(rule.action)
@@ -171,6 +269,7 @@ class Pipeline:
         except TalonError as exc:
             return ActionResult.failed(str(exc) or type(exc).__name__, target)
         except Exception as exc:
+            span.fail(f"{type(exc).__name__}: {exc}", exc)
             log.exception(
                 "actionner %s raised",
                 rule.action,

@@ -3,10 +3,12 @@
 Position in the flow: **HTTP** -> event model -> matcher -> state machine -> ...
 
 ``POST /`` validates the body (``engine.event``) and queues the event; a bounded pool of
-workers drives each queued event through the pipeline. Every reply has a JSON body.
+workers drives each queued event through the pipeline. Every reply has a JSON body. The
+request is the root span of the event's trace (a ``traceparent`` header is continued).
 A full queue answers 503 with ``Retry-After`` rather than dropping the event; a body over
 ``maxBodySize`` answers 413. ``GET /healthz`` answers 200. SIGTERM stops accepting (503),
-finishes the events in flight within ``shutdownTimeout``, then exits.
+finishes the events in flight within ``shutdownTimeout``, then exits. ``GET /metrics``
+serves the Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from engine import __version__
 from engine.event import EventError, FalcoEvent, decode_event
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
+from observability.metrics import CONTENT_TYPE, Metrics
+from observability.tracing import NO_TRACE, SpanKind, SpanRecord, Trace, Tracing
 
 log = logging.getLogger("falco_talon.server")
+
+Queued = tuple[FalcoEvent, Trace, SpanRecord | None]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -45,9 +51,18 @@ class Service:
         max_body_size: int = 1 << 20,
         shutdown_timeout: float = 30.0,
         watcher: RulesWatcher | None = None,
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.pipeline = pipeline
-        self.queue: asyncio.Queue[FalcoEvent] = asyncio.Queue(queue_size)
+        self.queue: asyncio.Queue[Queued] = asyncio.Queue(queue_size)
+        self.tracing = tracing if tracing is not None else pipeline.tracing or Tracing()
+        self.metrics = metrics if metrics is not None else pipeline.metrics or Metrics()
+        pipeline.tracing, pipeline.metrics = self.tracing, self.metrics
+        if pipeline.dispatcher is not None:
+            pipeline.dispatcher.tracing = self.tracing
+            pipeline.dispatcher.metrics = self.metrics
+        self.metrics.watch(self.queue.qsize, lambda: self.in_flight)
         self.workers = workers
         self.max_body_size = max_body_size
         self.shutdown_timeout = shutdown_timeout
@@ -63,27 +78,28 @@ class Service:
         self._tasks = [
             asyncio.create_task(self._work(), name=f"event-worker-{i}") for i in range(self.workers)
         ]
-        if self.pipeline.dispatcher is not None:
-            pass  # the dispatcher starts its workers lazily, per notifier
+        self.tracing.start()
         if self.watcher is not None:
             self.watcher.start()
         self.accepting = True
 
     async def _work(self) -> None:
         while True:
-            event = await self.queue.get()
+            event, trace, root = await self.queue.get()
             self.in_flight += 1
             try:
-                await self.pipeline.process(event)
+                await self.pipeline.process(event, trace, root)
             except Exception:  # pipeline.process already contains its errors; belt and braces
                 log.exception("worker error", extra={"fields": {"event_id": event.id}})
             finally:
                 self.in_flight -= 1
                 self.queue.task_done()
 
-    def submit(self, event: FalcoEvent) -> bool:
+    def submit(
+        self, event: FalcoEvent, trace: Trace = NO_TRACE, root: SpanRecord | None = None
+    ) -> bool:
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait((event, trace, root))
         except asyncio.QueueFull:
             return False
         return True
@@ -97,7 +113,7 @@ class Service:
         try:
             await asyncio.wait_for(self.queue.join(), self.shutdown_timeout)
         except TimeoutError:
-            lost = [self.queue.get_nowait().id for _ in range(self.queue.qsize())]
+            lost = [self.queue.get_nowait()[0].id for _ in range(self.queue.qsize())]
             log.error(
                 "shutdown timeout: %d event(s) in flight and %d queued were not finished",
                 self.in_flight,
@@ -111,6 +127,7 @@ class Service:
         if dispatcher is not None:
             await dispatcher.drain(max(0.0, deadline - time.monotonic()))
             await dispatcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -154,37 +171,80 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 async def post_event(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    trace = service.tracing.begin(request.headers.get("traceparent"))
+    root = trace.start(
+        "POST /", kind=SpanKind.SERVER, http__request__method="POST", url__path="/", http__route="/"
+    )
+    try:
+        response, event = await _accept(request, service, root)
+    finally:
+        root.end()
+    root.set(http__response__status_code=response.status)
+    if event is not None:
+        root.set(
+            talon__event_id=event.id,
+            falco__rule=event.rule,
+            falco__priority=event.priority,
+            falco__source=event.source,
+            falco__hostname=event.hostname,
+        )
+    service.tracing.submit(trace)
+    if event is not None and response.status == 202 and not service.submit(event, trace, root):
+        # Raced with a full queue between the check and the put: refuse, never drop.
+        return _refuse_full(service, event)
+    return response
+
+
+def _refuse_full(service: Service, event: FalcoEvent) -> web.Response:
+    service.stats["refused.queue_full"] += 1
+    service.metrics.events_rejected.labels("queue_full").inc()
+    log.warning("event refused: queue full", extra={"fields": {"event_id": event.id}})
+    return _json(503, {"error": "queue full, retry later", "id": event.id}, {"Retry-After": "1"})
+
+
+async def _accept(
+    request: web.Request, service: Service, root: SpanRecord
+) -> tuple[web.Response, FalcoEvent | None]:
+    """Validate the request; a 202 means the event may be queued."""
+    rejected = service.metrics.events_rejected
     if not service.accepting:
         service.stats["refused.shutting_down"] += 1
-        return _json(503, {"error": "shutting down"}, {"Retry-After": "5"})
+        rejected.labels("shutting_down").inc()
+        return _json(503, {"error": "shutting down"}, {"Retry-After": "5"}), None
     limit = service.max_body_size
     if request.content_length is not None and request.content_length > limit:
         service.stats["rejected.too_large"] += 1
+        rejected.labels("too_large").inc()
         return _json(
             413,
             {
                 "error": f"body of {request.content_length} bytes exceeds the "
                 f"limit of {limit} bytes (maxBodySize)"
             },
-        )
+        ), None
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         service.stats["rejected.too_large"] += 1
-        return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"})
+        rejected.labels("too_large").inc()
+        return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"}), None
     try:
         event = decode_event(body)
     except EventError as exc:
         service.stats["rejected.invalid"] += 1
-        return _json(400, exc.as_json())
-    if not service.submit(event):
-        service.stats["refused.queue_full"] += 1
-        log.warning("event refused: queue full", extra={"fields": {"event_id": event.id}})
-        return _json(
-            503, {"error": "queue full, retry later", "id": event.id}, {"Retry-After": "1"}
-        )
+        rejected.labels("invalid").inc()
+        root.set(talon__error=exc.message)
+        return _json(400, exc.as_json()), None
+    if service.queue.full():
+        return _refuse_full(service, event), None
     service.stats["accepted"] += 1
-    return _json(202, {"status": "accepted", "id": event.id})
+    service.metrics.received(event.source, event.priority)
+    return _json(202, {"status": "accepted", "id": event.id}), event
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -197,6 +257,7 @@ def create_app(service: Service) -> web.Application:
     app[SERVICE] = service
     app.router.add_post("/", post_event)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from observability.tracing import current_ids
+
 FORMATS = ("color", "text", "json")
 
 _COLORS = {
@@ -28,7 +30,23 @@ _RESET = "\033[0m"
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
-    return dict(fields) if isinstance(fields, dict) else {}
+    out = dict(fields) if isinstance(fields, dict) else {}
+    ids = getattr(record, "trace_ids", None)
+    if ids:
+        out["trace_id"], span_id = ids
+        if span_id:
+            out["span_id"] = span_id
+    return out
+
+
+class TraceIds(logging.Filter):
+    """Stamps each record made while an event is handled with its trace and span ids.
+
+    A filter on the handler runs in the task that logs, so the ids are the right ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.trace_ids = current_ids()
+        return True
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -89,6 +107,7 @@ def setup_logging(fmt: str = "color", level: int | str = logging.INFO) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    handler.addFilter(TraceIds())
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -4,10 +4,12 @@
 #   tests/env/build.sh            kube-apiserver + etcd (default)
 #   tests/env/build.sh k8s        same
 #   tests/env/build.sh jaeger     Jaeger v2 all-in-one binary
+#   tests/env/build.sh kubelet    talon-kubelet, the test kubelet of tests/env/kubelet/
 #
 # Binaries are cached outside the repository, in
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/k8s-<K8S_VERSION>-etcd-<ETCD_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/jaeger-<JAEGER_VERSION>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/kubelet-<hash of its sources>/
 # A second run finds them there and returns at once. If KUBEBUILDER_ASSETS names
 # a directory holding kube-apiserver and etcd (as setup-envtest provides), that
 # directory is used and nothing is built.
@@ -15,13 +17,16 @@
 # Progress goes to stderr; the last line on stdout is the bin directory.
 #
 # Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, GO (the go
-# binary), GOPROXY, XDG_CACHE_HOME.
+# binary), GOPROXY, XDG_CACHE_HOME. (The kubelet's versions are pinned by
+# tests/env/kubelet/go.mod and go.sum, not by K8S_VERSION.)
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.34.12}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+KUBELET_SRC="$HERE/kubelet"
 
 log() { printf '[testenv/build] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -32,6 +37,17 @@ have_bins() { # dir bin...
     local dir="$1"; shift
     local b
     for b in "$@"; do [[ -x "$dir/$b" && -f "$dir/$b" ]] || return 1; done
+}
+
+# The kubelet's cache key: its Go sources, go.mod and go.sum (which pin every
+# module version), so editing main.go or bumping a module rebuilds it.
+kubelet_src_hash() {
+    local sum
+    if command -v sha256sum >/dev/null 2>&1; then sum=(sha256sum); else sum=(shasum -a 256); fi
+    (
+        cd "$KUBELET_SRC"
+        for f in go.mod go.sum *.go; do printf '== %s\n' "$f"; cat "$f"; done
+    ) | "${sum[@]}" | cut -c1-16
 }
 
 # ---------------------------------------------------------------- fast paths
@@ -50,12 +66,16 @@ jaeger)
     BIN_DIR="$CACHE_ROOT/jaeger-$JAEGER_VERSION"
     have_bins "$BIN_DIR" jaeger && { echo "$BIN_DIR"; exit 0; }
     ;;
+kubelet)
+    BIN_DIR="$CACHE_ROOT/kubelet-$(kubelet_src_hash)"
+    have_bins "$BIN_DIR" talon-kubelet && { echo "$BIN_DIR"; exit 0; }
+    ;;
 -h|--help|help)
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    die "unknown target '$target' (expected: k8s, jaeger)"
+    die "unknown target '$target' (expected: k8s, jaeger, kubelet)"
     ;;
 esac
 
@@ -86,10 +106,11 @@ log "$("$GO" version); scratch module in $SCRATCH"
 
 # go build into a temporary name, then rename: a half-written binary never
 # looks like a cached one.
-gobuild() { # out-path ldflags package
+gobuild() { # out-path ldflags package [extra go build flags...]
     local out="$1" ldflags="$2" pkg="$3"
-    log "go build $pkg -> $out"
-    "$GO" build -trimpath -ldflags="-s -w $ldflags" -o "$out.tmp.$$" "$pkg"
+    shift 3
+    log "go build $* $pkg -> $out"
+    "$GO" build -trimpath -ldflags="-s -w $ldflags" "$@" -o "$out.tmp.$$" "$pkg"
     mv -f "$out.tmp.$$" "$out"
 }
 
@@ -178,6 +199,26 @@ build_jaeger() {
     )
 }
 
+build_kubelet() {
+    [[ -x "$BIN_DIR/talon-kubelet" ]] && return 0
+    # Built in place from the committed module: -mod=readonly (overrides the
+    # -mod=mod above) fails rather than touch go.mod/go.sum; GOWORK=off so a
+    # go.work further up cannot change the module graph. Copy the sources
+    # first so a concurrent edit cannot end up in a binary cached under the
+    # hash of the previous sources.
+    local dir="$SCRATCH/kubelet"
+    mkdir -p "$dir"
+    cp "$KUBELET_SRC"/go.mod "$KUBELET_SRC"/go.sum "$KUBELET_SRC"/*.go "$dir/"
+    (
+        cd "$dir"
+        export GOWORK=off
+        log "modules pinned by $KUBELET_SRC/go.sum (k8s.io/* $(
+            sed -n 's/^[[:space:]]*k8s.io\/kubelet \(v[^ ]*\).*/\1/p' go.mod))"
+        gobuild "$BIN_DIR/talon-kubelet" "" . -mod=readonly
+    )
+    "$BIN_DIR/talon-kubelet" --version >&2
+}
+
 case "$target" in
 k8s)
     build_etcd
@@ -185,6 +226,9 @@ k8s)
     ;;
 jaeger)
     build_jaeger
+    ;;
+kubelet)
+    build_kubelet
     ;;
 esac
 

@@ -63,8 +63,8 @@ async def start_talon(
     runs: list[EventRun] = []
     process = pipeline.process
 
-    async def recording(event: Any) -> EventRun:
-        run = await process(event)
+    async def recording(event: Any, *args: Any) -> EventRun:
+        run = await process(event, *args)
         runs.append(run)
         return run
 

@@ -1,0 +1,198 @@
+"""The webhook notifier: each action result as a JSON document sent to a URL.
+
+Position in the flow: ... -> actionners -> **notifiers** (the last stage).
+
+:func:`post_json` is also how the Slack notifier delivers (an incoming webhook is a
+webhook): a 2xx answer is success; 429 (with its ``Retry-After``), 408, 5xx, connection
+errors and timeouts are temporary; other statuses, invalid URLs and TLS failures are
+permanent. The URL may carry a token in its path or query and header values are often
+credentials, so errors name the URL's scheme and host only and never show a header value.
+Nothing is retried here: the dispatcher does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+
+from engine.errors import PermanentError, TemporaryError
+from engine.results import Outcome
+from notifiers.registry import Notification, notifier
+
+REDACTED = "********"
+
+SETTINGS: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["url"],
+    "properties": {
+        "url": {
+            "type": "string",
+            "pattern": "^https?://",
+            "description": "Where to send the JSON document (secret: it may hold a token).",
+        },
+        "method": {
+            "type": "string",
+            "enum": ["POST", "PUT"],
+            "default": "POST",
+            "description": "HTTP method.",
+        },
+        "headers": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "default": {},
+            "description": "Extra HTTP headers such as Authorization (secret values).",
+        },
+        "timeout": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 5,
+            "description": "Seconds one HTTP request may take; keep it within notifierTimeout.",
+        },
+    },
+}
+DEFAULTS = {k: v["default"] for k, v in SETTINGS["properties"].items() if "default" in v}
+
+
+def origin(url: str) -> str:
+    """What of a URL may be shown: its scheme, host and port (never user info, path, query)."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}"
+
+
+def retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) as seconds from now, or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _secrets(url: str, headers: Mapping[str, str]) -> list[str]:
+    """Whatever a receiver might echo back: the URL, its path, query, any long segment or
+    value; the header values, whole or the long words in them (``Bearer <token>``)."""
+    parts = urlsplit(url)
+    values = list(headers.values())
+    pieces = [
+        parts.path,
+        parts.query,
+        *parts.path.split("/"),
+        *(v for vs in parse_qs(parts.query).values() for v in vs),
+        *(word for v in values for word in v.split()),
+    ]
+    return [url, *values, *(p for p in pieces if len(p) >= 8)]
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+async def post_json(
+    url: str,
+    body: Any,
+    *,
+    method: str = "POST",
+    headers: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Send ``body`` as JSON; raise ``TemporaryError``/``PermanentError`` as described above."""
+    where = origin(url)
+    secrets = _secrets(url, headers or {})
+    sent: CIMultiDict[str] = CIMultiDict(
+        {"Content-Type": "application/json", "User-Agent": "falco-talon"}
+    )
+    sent.update(headers or {})
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.request(method, url, data=orjson.dumps(body), headers=sent) as resp,
+        ):
+            if 200 <= resp.status < 300:
+                return
+            text = (await resp.text(errors="replace")).strip()[:200]
+            said = _scrub(f"{resp.reason or ''}: {text}" if text else resp.reason or "", secrets)
+            problem = f"{where} answered {resp.status} {said}".rstrip()
+            if resp.status == 429:
+                raise TemporaryError(problem, delay=retry_after(resp.headers.get("Retry-After")))
+            if resp.status == 408 or resp.status >= 500:
+                raise TemporaryError(problem)
+            raise PermanentError(problem)
+    except aiohttp.ClientSSLError as exc:
+        cause = getattr(exc, "certificate_error", None) or exc.os_error
+        raise PermanentError(f"{where}: TLS failure: {_scrub(str(cause), secrets)}") from None
+    except aiohttp.ClientConnectorError as exc:
+        cause = exc.os_error.strerror or type(exc.os_error).__name__
+        raise TemporaryError(f"{where}: cannot connect: {cause}") from None
+    except aiohttp.ClientResponseError as exc:  # too many redirects and the like
+        raise PermanentError(f"{where}: {type(exc).__name__} ({exc.status})") from None
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+        raise PermanentError(f"{where}: invalid URL ({type(exc).__name__})") from None
+    except aiohttp.ClientError as exc:
+        raise TemporaryError(f"{where}: {type(exc).__name__}") from None
+    except TimeoutError:
+        waited = f" within {timeout:g}s" if timeout else ""
+        raise TemporaryError(f"{where}: no answer{waited}") from None
+
+
+def body(note: Notification) -> dict[str, Any]:
+    """The JSON document: the seed's fields (pod, namespace, action, status) and the rest."""
+    result, event = note.result, note.event
+    failed = result.outcome is Outcome.FAILED
+    return {
+        "pod": result.target.pod or "",
+        "namespace": result.target.namespace or "",
+        "action": note.action,
+        "status": result.outcome.value,
+        "rule": note.rule,
+        "outcome": result.outcome.value,
+        "error" if failed else "reason": result.reason,
+        "output": result.output,
+        "stage": note.stage,
+        "falco_rule": event.rule,
+        "priority": event.priority,
+        "hostname": event.hostname,
+        "event_output": event.output,
+        "event_time": event.time,
+        "event_id": event.id,
+        "trace_id": note.trace_id,
+    }
+
+
+@notifier(
+    "webhook",
+    description="POST (or PUT) each action result as JSON to a URL.",
+    settings=SETTINGS,
+    secrets=("url", "headers"),
+)
+async def send(note: Notification, settings: Mapping[str, Any]) -> None:
+    opts = {**DEFAULTS, **settings}
+    await post_json(
+        opts["url"],
+        body(note),
+        method=opts["method"],
+        headers=opts["headers"],
+        timeout=float(opts["timeout"]),
+    )

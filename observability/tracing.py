@@ -1,0 +1,390 @@
+"""OpenTelemetry traces of every event, recorded cheaply and exported in batches.
+
+Cross-cutting. One trace per event: the HTTP request is the root span; below it a span
+per state of the event's state machine; below a state, a span per actionner call (and
+below that, per Kubernetes API call) and per notifier send; skipped steps are span events
+carrying the reason.
+
+Why not ``tracer.start_span`` everywhere: on this machine an SDK span costs ~30 µs to
+start and end, and an event has about ten of them, more than handling the event itself.
+So spans are *recorded* as plain :class:`SpanRecord` objects while the event runs (ids
+drawn up front, so children can name their parents at once) and turned into the SDK's
+own :class:`~opentelemetry.sdk.trace.ReadableSpan` when the run ends, then exported by the
+SDK's OTLP exporters (gRPC or HTTP/protobuf) from a background thread, in batches.
+Tracing off costs a random trace id per event, which logs and notifications still carry
+so people can search for it. A W3C ``traceparent`` on the incoming request is honoured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+__all__ = ["ACTIVE", "NO_SPAN", "NO_TRACE", "SpanKind", "SpanRecord", "Trace", "Tracing"]
+
+log = logging.getLogger("falco_talon.tracing")
+
+MAX_ATTRIBUTE_LENGTH = 256
+"""Longer string attributes (an event's output) are cut to this many characters."""
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_ATTRIBUTE_LENGTH:
+        return value[: MAX_ATTRIBUTE_LENGTH - 3] + "..."
+    return value
+
+
+def _otel_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``talon__rule`` -> ``talon.rule``; values bounded; None values left out."""
+    return {k.replace("__", "."): _bounded(v) for k, v in attributes.items() if v is not None}
+
+
+@dataclass(slots=True, eq=False)
+class SpanRecord:
+    """A span being recorded: cheap to make, turned into an OTel span at the end."""
+
+    name: str
+    span_id: int
+    parent_id: int | None
+    start_ns: int
+    kind: SpanKind = SpanKind.INTERNAL
+    end_ns: int = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    error: str | None = None
+
+    # Attribute names are written ``talon__rule`` (for ``talon.rule``) at the call sites and
+    # translated, bounded and stripped of None values only when the span is exported, off
+    # the per-event path.
+
+    def set(self, **attributes: Any) -> None:
+        self.attributes.update(attributes)
+
+    def event(self, name: str, **attributes: Any) -> None:
+        self.events.append((name, time.time_ns(), attributes))
+
+    def fail(self, description: str, exc: BaseException | None = None) -> None:
+        """Status ERROR, and the exception recorded as OTel's ``exception`` event."""
+        self.error = description[:MAX_ATTRIBUTE_LENGTH]
+        if exc is not None:
+            self.event(
+                "exception",
+                exception__type=type(exc).__name__,
+                exception__message=str(exc),
+                exception__stacktrace="".join(traceback.format_exception(exc))[-2000:],
+            )
+
+    def end(self) -> None:
+        if not self.end_ns:
+            self.end_ns = time.time_ns()
+
+
+class _NoSpan(SpanRecord):
+    """What an unsampled trace hands out: accepts everything, records nothing."""
+
+    def set(self, **attributes: Any) -> None:
+        return None
+
+    def event(self, name: str, **attributes: Any) -> None:
+        return None
+
+    def fail(self, description: str, exc: BaseException | None = None) -> None:
+        return None
+
+    def end(self) -> None:
+        return None
+
+
+NO_SPAN = _NoSpan("", 0, None, 0)
+
+
+class Trace:
+    """The spans of one event. ``sampled`` False: ids only, nothing recorded."""
+
+    __slots__ = ("remote_parent", "sampled", "spans", "trace_id")
+
+    def __init__(self, trace_id: int, sampled: bool, remote_parent: int | None = None) -> None:
+        self.trace_id = trace_id
+        self.sampled = sampled
+        self.remote_parent = remote_parent
+        self.spans: list[SpanRecord] = []
+
+    @property
+    def trace_id_hex(self) -> str:
+        return f"{self.trace_id:032x}"
+
+    def start(
+        self,
+        name: str,
+        parent: SpanRecord | None = None,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        **attributes: Any,
+    ) -> SpanRecord:
+        if not self.sampled:
+            return NO_SPAN
+        parent_id = parent.span_id if parent is not None else self.remote_parent
+        record = SpanRecord(
+            name,
+            random.getrandbits(64) or 1,
+            parent_id,
+            time.time_ns(),
+            kind,
+            attributes=attributes,
+        )
+        self.spans.append(record)
+        return record
+
+    def take(self) -> list[SpanRecord]:
+        """The spans recorded so far, removed from the trace (to be emitted)."""
+        spans, self.spans = self.spans, []
+        return spans
+
+
+NO_TRACE = Trace(0, sampled=False)
+
+ACTIVE: ContextVar[tuple[Trace, SpanRecord] | None] = ContextVar("talon_span", default=None)
+"""The trace and span the current task works under (log lines carry their ids)."""
+
+
+@contextlib.contextmanager
+def activate(trace: Trace, span: SpanRecord) -> Iterator[None]:
+    """Make ``span`` the parent of spans started with :func:`child` (and of log lines)."""
+    token = ACTIVE.set((trace, span))
+    try:
+        yield
+    finally:
+        ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def child(name: str, **attributes: Any) -> Iterator[SpanRecord]:
+    """A span under the active one (a Kubernetes API call under its actionner); a no-op
+    outside a traced event. Raising inside marks it ERROR and records the exception."""
+    current = ACTIVE.get()
+    if current is None:
+        yield NO_SPAN
+        return
+    trace, parent = current
+    span = trace.start(name, parent, **attributes)
+    token = ACTIVE.set((trace, span))
+    try:
+        yield span
+    except BaseException as exc:
+        span.fail(f"{type(exc).__name__}: {exc}", exc)
+        raise
+    finally:
+        ACTIVE.reset(token)
+        span.end()
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace id, span id) in hex for log lines, or None outside an event."""
+    current = ACTIVE.get()
+    if current is None:
+        return None
+    trace, span = current
+    return trace.trace_id_hex, (f"{span.span_id:016x}" if span.span_id else "")
+
+
+def parse_traceparent(header: str | None) -> tuple[int, int, bool] | None:
+    """W3C ``00-<trace id>-<parent id>-<flags>`` -> (trace id, parent span id, sampled)."""
+    if not header:
+        return None
+    parts = header.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or parts[0] == "ff":
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(flags & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """How traces are exported (the ``otel`` section of the config)."""
+
+    enabled: bool = False
+    endpoint: str = ""
+    """OTLP endpoint: ``host:port`` for gRPC, ``http://host:4318/v1/traces`` for HTTP."""
+    protocol: str = "grpc"
+    """``grpc`` or ``http/protobuf``."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    insecure: bool = True
+    timeout: float = 10.0
+    sampling_ratio: float = 1.0
+    service_name: str = "falco-talon"
+
+
+class Tracing:
+    """The process's tracing: starts traces, exports finished spans in the background."""
+
+    def __init__(
+        self,
+        settings: TracingSettings = TracingSettings(),
+        exporter: SpanExporter | None = None,
+        *,
+        flush_interval: float = 0.5,
+        max_batch: int = 512,
+        max_queue: int = 65536,
+    ) -> None:
+        self.settings = settings
+        self.enabled = settings.enabled or exporter is not None
+        self.ratio = settings.sampling_ratio
+        self._bound = int(self.ratio * (1 << 64))
+        self.exporter = (
+            exporter
+            if exporter is not None
+            else (make_exporter(settings) if settings.enabled else None)
+        )
+        self.resource = Resource.create({"service.name": settings.service_name})
+        self.scope = InstrumentationScope("falco-talon")
+        self._queue: deque[tuple[int, int | None, SpanRecord]] = deque()
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._interval = flush_interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.exported = 0
+        self.dropped = 0
+        self.failed_exports = 0
+
+    # -- traces --------------------------------------------------------------------------------
+
+    def begin(self, traceparent: str | None = None) -> Trace:
+        """A trace for a new event, continuing the caller's trace when it sent one."""
+        remote = parse_traceparent(traceparent)
+        if remote is not None:
+            trace_id, parent_id, sampled = remote
+            return Trace(trace_id, self.enabled and sampled, parent_id)
+        trace_id = random.getrandbits(128) or 1
+        sampled = self.enabled and (self.ratio >= 1.0 or (trace_id & ((1 << 64) - 1)) < self._bound)
+        return Trace(trace_id, sampled)
+
+    def submit(self, trace: Trace) -> None:
+        """Queue the trace's finished spans for export (the spans still open stay)."""
+        if not trace.sampled or not trace.spans:
+            return
+        queue = self._queue
+        remaining = []
+        for record in trace.spans:
+            if record.end_ns:
+                queue.append((trace.trace_id, trace.remote_parent, record))
+            else:
+                remaining.append(record)
+        trace.spans = remaining
+        if len(self._queue) > self._max_queue:
+            while len(self._queue) > self._max_queue:
+                self._queue.popleft()
+                self.dropped += 1
+        if len(self._queue) >= self._max_batch:
+            self._wake.set()
+
+    def _readable(self, trace_id: int, remote_parent: int | None, r: SpanRecord) -> ReadableSpan:
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        return ReadableSpan(
+            name=r.name,
+            context=SpanContext(trace_id, r.span_id, False, flags),
+            parent=(
+                SpanContext(trace_id, r.parent_id, r.parent_id == remote_parent, flags)
+                if r.parent_id
+                else None
+            ),
+            resource=self.resource,
+            attributes=_otel_attributes(r.attributes),
+            events=[Event(name, _otel_attributes(attrs), ts) for name, ts, attrs in r.events],
+            kind=r.kind,
+            status=Status(StatusCode.ERROR, r.error) if r.error is not None else Status(),
+            start_time=r.start_ns,
+            end_time=r.end_ns,
+            instrumentation_scope=self.scope,
+        )
+
+    # -- export --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.exporter is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="otel-export", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Export everything queued now (from the export thread, or at shutdown)."""
+        exporter = self.exporter
+        if exporter is None:
+            self._queue.clear()
+            return
+        while self._queue:
+            batch: list[ReadableSpan] = []
+            while self._queue and len(batch) < self._max_batch:
+                batch.append(self._readable(*self._queue.popleft()))
+            try:
+                result = exporter.export(batch)
+                ok = getattr(result, "name", "SUCCESS") == "SUCCESS"
+            except Exception:  # an exporter bug or outage must not kill the thread
+                log.exception("exporting %d span(s) failed", len(batch))
+                ok = False
+            if ok:
+                self.exported += len(batch)
+            else:
+                self.failed_exports += 1
+                self.dropped += len(batch)
+                log.warning("the trace collector refused %d span(s)", len(batch))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self.flush()
+        if self.exporter is not None:
+            self.exporter.shutdown()
+
+
+def make_exporter(settings: TracingSettings) -> SpanExporter:
+    """The SDK's OTLP exporter for ``settings`` (endpoint/headers default to ``OTEL_*``)."""
+    headers = dict(settings.headers) or None
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(
+            endpoint=settings.endpoint or None,
+            insecure=settings.insecure,
+            headers=headers,
+            timeout=settings.timeout,
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    endpoint = settings.endpoint or None
+    if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return HttpExporter(endpoint=endpoint, headers=headers, timeout=settings.timeout)

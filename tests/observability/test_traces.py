@@ -1,0 +1,222 @@
+"""Traces in a real Jaeger: one trace per event whose span tree answers "why did my actions
+run in this order?". Jaeger v2 runs from ``tests/env/jaeger.py``; spans leave through the
+SDK's real OTLP exporters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from actionners.registry import ActionnerRegistry
+from engine.errors import PermanentError
+from engine.notify import DeliveryPolicy, Dispatcher
+from engine.pipeline import Pipeline
+from engine.rules import RulesLoader
+from engine.server import Service, create_app
+from notifiers.registry import Notification, NotifierRegistry, notifier
+from observability.logging import JsonFormatter, TraceIds
+from observability.tracing import Tracing, TracingSettings
+from tests.conftest import FALCO_EVENT
+from tests.env.jaeger import JaegerInfo, TestJaeger, parent_span_id, span_tags
+
+RULES = """
+- name: forensics first
+  action: {name: test:first}
+  notifiers: [chat, pager]
+- name: label (superseded)
+  action: {name: test:record}
+- name: kill
+  action: {name: test:stop}
+  notifiers: [chat]
+"""
+
+
+@pytest.fixture(scope="module")
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestJaeger]:
+    instance = TestJaeger(tmp_path_factory.mktemp("jaeger"))
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def notifiers() -> tuple[NotifierRegistry, list[str]]:
+    registry = NotifierRegistry()
+    delivered: list[str] = []
+
+    @notifier("chat", description="delivers", registry=registry)
+    async def chat(note: Notification, settings: Any) -> None:
+        delivered.append(note.rule)
+
+    @notifier("pager", description="always refuses", registry=registry)
+    async def pager(note: Notification, settings: Any) -> None:
+        raise PermanentError("pager service rejected the token")
+
+    return registry, delivered
+
+
+async def talon(
+    aiohttp_client: Any, tmp_path: Path, registry: ActionnerRegistry, settings: TracingSettings
+) -> tuple[TestClient, Service]:
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent(RULES))
+    notes, _ = notifiers()
+    tracing = Tracing(settings, flush_interval=0.05)
+    dispatcher = Dispatcher(
+        notes, {"chat": {}, "pager": {}}, DeliveryPolicy(attempts=2, backoff=0.01)
+    )
+    pipeline = Pipeline(
+        RulesLoader(registry, notes).load([path]), registry, dispatcher=dispatcher, tracing=tracing
+    )
+    service = Service(pipeline, tracing=tracing)
+    await service.start()
+    return await aiohttp_client(create_app(service)), service
+
+
+def by_name(trace: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["operationName"]: s for s in trace["spans"]}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+async def test_an_event_trace_shows_states_actions_skips_and_notifications_in_jaeger(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    registry: ActionnerRegistry,
+    jaeger: TestJaeger,
+    protocol: str,
+) -> None:
+    info: JaegerInfo = jaeger.info
+    endpoint = info.otlp_grpc_endpoint if protocol == "grpc" else info.otlp_http_endpoint
+    service_name = f"falco-talon-{protocol.split('/', maxsplit=1)[0]}"
+    client, service = await talon(
+        aiohttp_client,
+        tmp_path,
+        registry,
+        TracingSettings(
+            enabled=True, endpoint=endpoint, protocol=protocol, service_name=service_name
+        ),
+    )
+    resp = await client.post("/", json={**FALCO_EVENT, "uuid": f"ev-{protocol}"})
+    assert resp.status == 202
+    await service.queue.join()
+    await service.pipeline.dispatcher.drain(10)  # type: ignore[union-attr]
+    await service.stop()  # flushes the exporter
+
+    trace = jaeger.wait_for_trace(service_name, lambda t: len(t["spans"]) == 11, timeout=20)
+    spans = by_name(trace)
+    root = spans["POST /"]
+    assert parent_span_id(root) is None
+    assert span_tags(root)["span.kind"] == "server"
+    assert span_tags(root)["talon.event_id"] == f"ev-{protocol}"
+
+    states = sorted(
+        (s for s in trace["spans"] if parent_span_id(s) == root["spanID"]),
+        key=lambda s: s["startTime"],
+    )
+    assert [s["operationName"] for s in states] == [
+        "received",
+        "matched",
+        "before-actions",
+        "actions",
+        "notified",
+    ]
+    received = span_tags(spans["received"])
+    assert (
+        received["falco.rule"],
+        received["falco.priority"],
+        received["falco.source"],
+        received["falco.hostname"],
+    ) == ("Terminal shell in container", "Warning", "syscall", "node-1")
+    assert received["k8s.pod.name"] == "web-7d4b9c7f5d-x2x8k"
+
+    first, kill = spans["test:first"], spans["test:stop"]
+    assert parent_span_id(first) == spans["before-actions"]["spanID"]
+    assert parent_span_id(kill) == spans["actions"]["spanID"]
+    assert span_tags(kill)["talon.rule"] == "kill"
+    assert span_tags(kill)["talon.outcome"] == "succeeded"
+    assert (span_tags(kill)["talon.before"], span_tags(kill)["talon.continue"]) == (False, False)
+    assert "test:record" not in spans  # superseded: never ran...
+    [skip] = spans["actions"]["logs"]  # ...but the reason is on the actions span
+    fields = {f["key"]: f["value"] for f in skip["fields"]}
+    assert fields["event"] == "step skipped"
+    assert fields["talon.rule"] == "label (superseded)"
+    assert fields["talon.reason"] == "superseded by rule 'kill', continue: false"
+
+    sends = [s for s in trace["spans"] if s["operationName"].startswith("notify ")]
+    assert {parent_span_id(s) for s in sends} == {spans["notified"]["spanID"]}
+    pager = next(s for s in sends if s["operationName"] == "notify pager")
+    assert span_tags(pager)["otel.status_code"] == "ERROR"
+    assert span_tags(pager)["error"] is True
+    assert "pager service rejected the token" in span_tags(pager)["otel.status_description"]
+    assert all(
+        span_tags(s).get("otel.status_code") != "ERROR"
+        for s in sends
+        if s["operationName"] == "notify chat"
+    )
+    assert len(sends) == 3  # chat x2 (first, kill) + pager x1 (first)
+
+
+async def test_a_traceparent_sent_with_the_event_continues_the_callers_trace(
+    aiohttp_client: Any, tmp_path: Path, registry: ActionnerRegistry, jaeger: TestJaeger
+) -> None:
+    client, service = await talon(
+        aiohttp_client,
+        tmp_path,
+        registry,
+        TracingSettings(
+            enabled=True, endpoint=jaeger.info.otlp_grpc_endpoint, service_name="falco-talon-tp"
+        ),
+    )
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    resp = await client.post(
+        "/", json=FALCO_EVENT, headers={"traceparent": f"00-{trace_id}-{parent}-01"}
+    )
+    assert resp.status == 202
+    await service.queue.join()
+    await service.stop()
+    trace = jaeger.wait_for_trace("falco-talon-tp", lambda t: t["traceID"] == trace_id, timeout=20)
+    assert parent_span_id(by_name(trace)["POST /"]) == parent
+
+
+async def test_logs_about_an_event_carry_its_trace_and_span_ids(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    registry: ActionnerRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Tracing off: the trace id is still there, so people can search for it.
+    client, service = await talon(aiohttp_client, tmp_path, registry, TracingSettings())
+    caplog.handler.addFilter(TraceIds())
+    with caplog.at_level(logging.INFO, "falco_talon"):
+        assert (await client.post("/", json=FALCO_EVENT)).status == 202
+        await service.queue.join()
+    await service.stop()
+    lines = [
+        json.loads(JsonFormatter().format(r))
+        for r in caplog.records
+        if r.name == "falco_talon.pipeline"
+    ]
+    assert lines and all(len(line["trace_id"]) == 32 for line in lines)
+    assert len({line["trace_id"] for line in lines}) == 1
+
+
+async def test_tracing_on_without_a_reachable_collector_never_blocks_events(
+    aiohttp_client: Any, tmp_path: Path, registry: ActionnerRegistry
+) -> None:
+    client, service = await talon(
+        aiohttp_client,
+        tmp_path,
+        registry,
+        TracingSettings(enabled=True, endpoint="127.0.0.1:9", timeout=0.5),
+    )
+    replies = await asyncio.gather(*(client.post("/", json=FALCO_EVENT) for _ in range(20)))
+    assert {r.status for r in replies} == {202}
+    await asyncio.wait_for(service.queue.join(), 5)
+    await service.stop()
