@@ -381,6 +381,11 @@ def notifiers_list(output: str) -> None:
     is_flag=True,
     help="Every installed actionner and notifier, not only those the rules use.",
 )
+@click.option(
+    "--declarations",
+    is_flag=True,
+    help="Print each actionner's and notifier's own rules (for the Helm chart).",
+)
 @click.option("--name", default="falco-talon", show_default=True, help="ClusterRole name.")
 @click.option(
     "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
@@ -391,6 +396,7 @@ def rbac(
     config: str | None,
     rules: tuple[str, ...],
     everything: bool,
+    declarations: bool,
     name: str,
     output: str,
 ) -> None:
@@ -398,10 +404,19 @@ def rbac(
     notifiers in use declare (the rules' actionners and notifiers, plus defaultNotifiers)."""
     import yaml
 
-    from engine.rbac import cluster_role, required_rules
+    from engine.rbac import cluster_role, declared_rules, required_rules
 
     config, rules = _merged(ctx, config, rules)
     actionners, notifiers = load_plugins()
+    if declarations:
+        data = declared_rules(actionners, notifiers)
+        text = (
+            json.dumps(data, indent=2) + "\n"
+            if output == "json"
+            else yaml.safe_dump(data, sort_keys=False)
+        )
+        click.echo(text, nl=False)
+        return
     if everything:
         merged = required_rules(actionners, notifiers)
     else:

@@ -59,3 +59,13 @@ def cluster_role(name: str, rules: Iterable[RbacRule]) -> dict[str, Any]:
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "falco-talon"}},
         "rules": [r.as_dict() for r in rules],
     }
+
+
+def declared_rules(
+    actionners: ActionnerRegistry, notifiers: NotifierRegistry
+) -> dict[str, dict[str, list[dict[str, list[str]]]]]:
+    """Each plug-in's own rules, by kind and name (what the Helm chart unites at install)."""
+    return {
+        "actionners": {a.name: [r.as_dict() for r in merge(a.rbac)] for a in actionners},
+        "notifiers": {n.name: [r.as_dict() for r in merge(n.rbac)] for n in notifiers},
+    }

@@ -150,10 +150,6 @@ class Trace:
         self.spans.append(record)
         return record
 
-    def take(self) -> list[SpanRecord]:
-        """The spans recorded so far, removed from the trace (to be emitted)."""
-        spans, self.spans = self.spans, []
-        return spans
 
 
 NO_TRACE = Trace(0, sampled=False)
