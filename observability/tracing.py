@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import pickle
 import random
+import signal
 import threading
 import time
 import traceback
@@ -151,7 +154,6 @@ class Trace:
         return record
 
 
-
 NO_TRACE = Trace(0, sampled=False)
 
 ACTIVE: ContextVar[tuple[Trace, SpanRecord] | None] = ContextVar("talon_span", default=None)
@@ -230,8 +232,18 @@ class TracingSettings:
     service_name: str = "falco-talon"
 
 
+Item = tuple[int, int | None, SpanRecord]
+"""(trace id, the remote parent's span id, the span) waiting for export."""
+
+
 class Tracing:
-    """The process's tracing: starts traces, exports finished spans in the background."""
+    """The process's tracing: starts traces, ships finished spans in the background.
+
+    Spans leave in batches from a background thread. With an OTLP endpoint configured they
+    go, as plain tuples, to an export *process* that turns them into OTel spans and exports
+    them with the SDK's OTLP exporter: converting and encoding spans costs more than handling
+    the event, and a process of its own does it on another core instead of under this
+    process's GIL. An exporter object passed in (tests, benchmarks) runs in the thread."""
 
     def __init__(
         self,
@@ -246,23 +258,22 @@ class Tracing:
         self.enabled = settings.enabled or exporter is not None
         self.ratio = settings.sampling_ratio
         self._bound = int(self.ratio * (1 << 64))
-        self.exporter = (
-            exporter
-            if exporter is not None
-            else (make_exporter(settings) if settings.enabled else None)
-        )
-        self.resource = Resource.create({"service.name": settings.service_name})
-        self.scope = InstrumentationScope("falco-talon")
-        self._queue: deque[tuple[int, int | None, SpanRecord]] = deque()
+        self._sink: _Sink | None = None
+        if exporter is not None:
+            self._sink = _ThreadSink(exporter, settings.service_name)
+        elif settings.enabled:
+            self._sink = _ProcessSink(settings)
+        self._queue: deque[Item] = deque()
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._interval = flush_interval
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.exported = 0
+        self.shipped = 0
+        """Spans handed to the exporter (thread) or the export process."""
         self.dropped = 0
-        self.failed_exports = 0
+        """Spans lost: the queue overflowed, or the exporter/process failed."""
 
     # -- traces --------------------------------------------------------------------------------
 
@@ -288,37 +299,18 @@ class Tracing:
             else:
                 remaining.append(record)
         trace.spans = remaining
-        if len(self._queue) > self._max_queue:
-            while len(self._queue) > self._max_queue:
-                self._queue.popleft()
+        if len(queue) > self._max_queue:
+            while len(queue) > self._max_queue:
+                queue.popleft()
                 self.dropped += 1
-        if len(self._queue) >= self._max_batch:
+        if len(queue) >= self._max_batch:
             self._wake.set()
-
-    def _readable(self, trace_id: int, remote_parent: int | None, r: SpanRecord) -> ReadableSpan:
-        flags = TraceFlags(TraceFlags.SAMPLED)
-        return ReadableSpan(
-            name=r.name,
-            context=SpanContext(trace_id, r.span_id, False, flags),
-            parent=(
-                SpanContext(trace_id, r.parent_id, r.parent_id == remote_parent, flags)
-                if r.parent_id
-                else None
-            ),
-            resource=self.resource,
-            attributes=_otel_attributes(r.attributes),
-            events=[Event(name, _otel_attributes(attrs), ts) for name, ts, attrs in r.events],
-            kind=r.kind,
-            status=Status(StatusCode.ERROR, r.error) if r.error is not None else Status(),
-            start_time=r.start_ns,
-            end_time=r.end_ns,
-            instrumentation_scope=self.scope,
-        )
 
     # -- export --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.exporter is not None and self._thread is None:
+        if self._sink is not None and self._thread is None:
+            self._sink.start()
             self._thread = threading.Thread(target=self._run, name="otel-export", daemon=True)
             self._thread.start()
 
@@ -329,37 +321,193 @@ class Tracing:
             self.flush()
 
     def flush(self) -> None:
-        """Export everything queued now (from the export thread, or at shutdown)."""
-        exporter = self.exporter
-        if exporter is None:
+        """Ship everything queued now (from the export thread, or at shutdown)."""
+        sink = self._sink
+        if sink is None:
             self._queue.clear()
             return
         while self._queue:
-            batch: list[ReadableSpan] = []
+            batch: list[Item] = []
             while self._queue and len(batch) < self._max_batch:
-                batch.append(self._readable(*self._queue.popleft()))
+                batch.append(self._queue.popleft())
             try:
-                result = exporter.export(batch)
-                ok = getattr(result, "name", "SUCCESS") == "SUCCESS"
+                sink.send(batch)
             except Exception:  # an exporter bug or outage must not kill the thread
                 log.exception("exporting %d span(s) failed", len(batch))
-                ok = False
-            if ok:
-                self.exported += len(batch)
-            else:
-                self.failed_exports += 1
                 self.dropped += len(batch)
-                log.warning("the trace collector refused %d span(s)", len(batch))
+            else:
+                self.shipped += len(batch)
 
     def shutdown(self) -> None:
+        """Ship what is queued and stop the thread and the export process."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
         self.flush()
-        if self.exporter is not None:
-            self.exporter.shutdown()
+        if self._sink is not None:
+            self._sink.close()
+
+
+class _Sink:
+    def start(self) -> None:
+        return None
+
+    def send(self, batch: list[Item]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class _ThreadSink(_Sink):
+    """Converts and exports in the calling (export) thread."""
+
+    def __init__(self, exporter: SpanExporter, service_name: str) -> None:
+        self.exporter = exporter
+        self.convert = _Converter(service_name)
+
+    def send(self, batch: list[Item]) -> None:
+        result = self.exporter.export([self.convert(*item) for item in batch])
+        if getattr(result, "name", "SUCCESS") != "SUCCESS":
+            raise RuntimeError("the trace collector refused the spans")
+
+    def close(self) -> None:
+        self.exporter.shutdown()
+
+
+class _ProcessSink(_Sink):
+    """Pickles batches of plain tuples to an export process (see :func:`_export_main`)."""
+
+    def __init__(self, settings: TracingSettings) -> None:
+        self.settings = settings
+        self._conn: Any = None
+        self._process: Any = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        reader, writer = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_export_main,
+            args=(reader, self.settings),
+            name="falco-talon-otel-export",
+            daemon=True,
+        )
+        self._process.start()
+        reader.close()
+        self._conn = writer
+
+    def send(self, batch: list[Item]) -> None:
+        if self._process is None or not self._process.is_alive():
+            raise RuntimeError("the trace export process is not running")
+        rows = [
+            (
+                tid,
+                remote,
+                r.name,
+                r.span_id,
+                r.parent_id,
+                r.start_ns,
+                r.end_ns,
+                r.kind.value,
+                r.attributes,
+                r.events,
+                r.error,
+            )
+            for tid, remote, r in batch
+        ]
+        self._conn.send_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send_bytes(b"")  # end of stream: flush and exit
+            self._conn.close()
+        if self._process is not None:
+            self._process.join(self.settings.timeout + 5)
+            if self._process.is_alive():
+                self._process.terminate()
+
+
+class _Converter:
+    """Turns recorded spans into the SDK's ReadableSpans (attribute names, bounds, status)."""
+
+    def __init__(self, service_name: str) -> None:
+        self.resource = Resource.create({"service.name": service_name})
+        self.scope = InstrumentationScope("falco-talon")
+
+    def __call__(self, trace_id: int, remote_parent: int | None, r: SpanRecord) -> ReadableSpan:
+        return self.row(
+            trace_id,
+            remote_parent,
+            r.name,
+            r.span_id,
+            r.parent_id,
+            r.start_ns,
+            r.end_ns,
+            r.kind.value,
+            r.attributes,
+            r.events,
+            r.error,
+        )
+
+    def row(
+        self,
+        trace_id: int,
+        remote_parent: int | None,
+        name: str,
+        span_id: int,
+        parent_id: int | None,
+        start_ns: int,
+        end_ns: int,
+        kind: int,
+        attributes: dict[str, Any],
+        events: list[tuple[str, int, dict[str, Any]]],
+        error: str | None,
+    ) -> ReadableSpan:
+        flags = TraceFlags(TraceFlags.SAMPLED)
+        return ReadableSpan(
+            name=name,
+            context=SpanContext(trace_id, span_id, False, flags),
+            parent=(
+                SpanContext(trace_id, parent_id, parent_id == remote_parent, flags)
+                if parent_id
+                else None
+            ),
+            resource=self.resource,
+            attributes=_otel_attributes(attributes),
+            events=[Event(n, _otel_attributes(attrs), ts) for n, ts, attrs in events],
+            kind=SpanKind(kind),
+            status=Status(StatusCode.ERROR, error) if error is not None else Status(),
+            start_time=start_ns,
+            end_time=end_ns,
+            instrumentation_scope=self.scope,
+        )
+
+
+def _export_main(conn: Any, settings: TracingSettings) -> None:  # pragma: no cover - subprocess
+    """The export process: read batches until end of stream, convert, export with OTLP."""
+    logging.basicConfig(level=logging.WARNING, format="falco-talon otel-export: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    exporter = make_exporter(settings)
+    convert = _Converter(settings.service_name)
+    try:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                break
+            if not data:
+                break
+            spans = [convert.row(*row) for row in pickle.loads(data)]
+            for i in range(0, len(spans), 512):
+                chunk = spans[i : i + 512]
+                result = exporter.export(chunk)
+                if getattr(result, "name", "SUCCESS") != "SUCCESS":
+                    log.warning("the trace collector refused %d span(s)", len(chunk))
+    finally:
+        exporter.shutdown()
 
 
 def make_exporter(settings: TracingSettings) -> SpanExporter:

@@ -220,3 +220,23 @@ def test_the_server_refuses_to_start_on_invalid_rules(write_rules: Callable[...,
     )
     assert proc.returncode == 1
     assert f"{rules}:2:18: 'kubernetes:terminat' is not a known actionner" in proc.stderr
+
+
+def test_rbac_prints_exactly_what_the_rules_actionners_and_notifiers_need(
+    write_rules: Callable[..., Path], tmp_path: Path
+) -> None:
+    import yaml
+
+    rules = write_rules(
+        "- name: mark\n  action:\n    name: kubernetes:labelize\n    parameters: {labels: {a: b}}\n"
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text("defaultNotifiers: [k8sevents]\n")
+    code, out = run("rbac", "-r", str(rules), "-c", str(config))
+    assert code == 0
+    role = yaml.safe_load(out)
+    assert role["kind"] == "ClusterRole"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+    ]

@@ -149,3 +149,38 @@ def test_a_secret_of_the_wrong_type_is_reported_without_its_value(
         load_settings(path, notifiers, env={})
     assert "SECRET" not in str(err.value)
     assert "webhookurl" in str(err.value)
+
+
+def test_tracing_comes_from_the_otel_section_and_the_standard_variables(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    path = write(
+        tmp_path,
+        "otel:\n  enabled: true\n  endpoint: collector:4317\n"
+        "  headers: {x-api-key: SECRETKEY}\n  samplingRatio: 0.5\n",
+    )
+    s = load_settings(
+        path,
+        notifiers,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "override:4317", "OTEL_SERVICE_NAME": "talon-prod"},
+    )
+    t = s.tracing
+    assert (t.enabled, t.endpoint, t.sampling_ratio, t.service_name) == (
+        True,
+        "override:4317",
+        0.5,
+        "talon-prod",
+    )
+    assert redacted(s, notifiers)["otel"]["headers"] == {"x-api-key": "********"}
+    assert (
+        load_settings(
+            None, notifiers, env={"OTEL_SDK_DISABLED": "true", "OTEL_ENABLED": "true"}
+        ).tracing.enabled
+        is False
+    )
+
+
+def test_a_misspelt_otel_key_is_an_error(tmp_path: Path, notifiers: NotifierRegistry) -> None:
+    path = write(tmp_path, "otel:\n  enable: true\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'enable'; did you mean 'enabled'\?"):
+        load_settings(path, notifiers, env={})
