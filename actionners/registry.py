@@ -6,12 +6,13 @@ Nothing here imports the engine's machinery, only its contract (event model, res
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.event import FalcoEvent
 from engine.kubeapi import RbacRule
+from engine.registry import Registry
 from engine.results import ActionResult, Target
 
 __all__ = [
@@ -69,39 +70,14 @@ class ActionnerSpec:
         return {k: v["default"] for k, v in props.items() if "default" in v}
 
 
-class ActionnerRegistry:
+class ActionnerRegistry(Registry[ActionnerSpec]):
     """Actionners by name. Modules register into :data:`ACTIONNERS`; tests build their own."""
 
-    def __init__(self, specs: tuple[ActionnerSpec, ...] = ()) -> None:
-        self._specs: dict[str, ActionnerSpec] = {}
-        for spec in specs:
-            self.add(spec)
+    kind = "actionner"
 
-    def add(self, spec: ActionnerSpec) -> ActionnerSpec:
+    def validate(self, spec: ActionnerSpec) -> None:
         if ":" not in spec.name:
             raise ValueError(f"actionner name {spec.name!r} must be 'category:action'")
-        if spec.name in self._specs:
-            raise ValueError(f"actionner {spec.name!r} is registered twice")
-        self._specs[spec.name] = spec
-        return spec
-
-    def get(self, name: str) -> ActionnerSpec | None:
-        return self._specs.get(name)
-
-    def __getitem__(self, name: str) -> ActionnerSpec:
-        return self._specs[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._specs
-
-    def __iter__(self) -> Iterator[ActionnerSpec]:
-        return iter(sorted(self._specs.values(), key=lambda s: s.name))
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def copy(self) -> ActionnerRegistry:
-        return ActionnerRegistry(tuple(self._specs.values()))
 
 
 ACTIONNERS = ActionnerRegistry()

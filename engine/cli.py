@@ -31,7 +31,7 @@ from engine.errors import ConfigError
 from engine.event import EventError, load_event
 from engine.kubeapi import NotConfigured
 from engine.plugins import load_plugins
-from engine.rules import RulesInvalid, RulesLoader
+from engine.rules import RuleSet, RulesInvalid, RulesLoader
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("falco_talon")
@@ -184,16 +184,9 @@ async def _serve(settings: Settings) -> None:
 # -- check ---------------------------------------------------------------------------------------
 
 
-@cli.command()
-@_common
-@click.pass_context
-def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> None:
-    """Validate rules files (and the config, when -c is given); no cluster needed.
-
-    Prints every problem as FILE:LINE:COLUMN: message (at JSON path) and exits 1,
-    or exits 0 when everything is valid.
-    """
-    config, rules = _merged(ctx, config, rules)
+def _inputs(config: str | None, rules: tuple[str, ...]) -> tuple[Settings | None, RuleSet]:
+    """The config (when -c is given) and the rules (-r, else the config's, else the
+    default), validated; any problem ends the command with exit 1."""
     actionners, notifiers = load_plugins()
     settings = None
     if config is not None:
@@ -206,6 +199,24 @@ def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> Non
         ruleset = RulesLoader(actionners, notifiers).load(paths)
     except RulesInvalid as exc:
         _fail(str(exc))
+    return settings, ruleset
+
+
+def _defaults(settings: Settings | None) -> tuple[str, ...]:
+    return tuple(settings.notifications.default_notifiers) if settings else ()
+
+
+@cli.command()
+@_common
+@click.pass_context
+def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> None:
+    """Validate rules files (and the config, when -c is given); no cluster needed.
+
+    Prints every problem as FILE:LINE:COLUMN: message (at JSON path) and exits 1,
+    or exits 0 when everything is valid.
+    """
+    settings, ruleset = _inputs(*_merged(ctx, config, rules))
+    _, notifiers = load_plugins()
     if settings is not None:
         try:
             check_notifiers(settings, notifiers, {n for r in ruleset.rules for n in r.notifiers})
@@ -237,25 +248,13 @@ def explain(
     from engine.explain import explain as run_explain
     from engine.explain import explain_json, explain_text
 
-    config, rules = _merged(ctx, config, rules)
-    actionners, notifiers = load_plugins()
-    defaults: tuple[str, ...] = ()
-    paths = list(rules)
-    if config is not None:
-        try:
-            settings = load_settings(config, notifiers)
-        except ConfigError as exc:
-            _fail(str(exc))
-        defaults = tuple(settings.notifications.default_notifiers)
-        paths = paths or settings.rules.files
+    settings, ruleset = _inputs(*_merged(ctx, config, rules))
+    actionners, _ = load_plugins()
     try:
-        ruleset = RulesLoader(actionners, notifiers).load(paths or [DEFAULT_RULES])
         event = load_event(event_file.read())
-    except RulesInvalid as exc:
-        _fail(str(exc))
     except EventError as exc:
         _fail(f"invalid event: {exc.message}")
-    run = asyncio.run(run_explain(event, ruleset, actionners, defaults))
+    run = asyncio.run(run_explain(event, ruleset, actionners, _defaults(settings)))
     if output == "json":
         click.echo(json.dumps(explain_json(run), indent=2))
     else:
@@ -420,24 +419,13 @@ def rbac(
     if everything:
         merged = required_rules(actionners, notifiers)
     else:
-        defaults: list[str] = []
-        paths = list(rules)
-        if config is not None:
-            try:
-                settings = load_settings(config, notifiers)
-            except ConfigError as exc:
-                _fail(str(exc))
-            defaults = settings.notifications.default_notifiers
-            paths = paths or settings.rules.files
-        try:
-            ruleset = RulesLoader(actionners, notifiers).load(paths or [DEFAULT_RULES])
-        except RulesInvalid as exc:
-            _fail(str(exc))
+        settings, ruleset = _inputs(config, rules)
         merged = required_rules(
             actionners,
             notifiers,
             only_actionners={r.action for r in ruleset.rules},
-            only_notifiers={n for r in ruleset.rules for n in r.notifiers} | set(defaults),
+            only_notifiers={n for r in ruleset.rules for n in r.notifiers}
+            | set(_defaults(settings)),
         )
     role = cluster_role(name, merged)
     if output == "json":

@@ -6,12 +6,13 @@ fill it. Nothing here imports the engine's machinery, only its contract.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.event import FalcoEvent
 from engine.kubeapi import RbacRule
+from engine.registry import Registry
 from engine.results import ActionResult
 
 
@@ -57,37 +58,10 @@ class NotifierSpec:
         return {k: v["default"] for k, v in props.items() if "default" in v}
 
 
-class NotifierRegistry:
-    """Notifiers by name."""
+class NotifierRegistry(Registry[NotifierSpec]):
+    """Notifiers by name. Modules register into :data:`NOTIFIERS`; tests build their own."""
 
-    def __init__(self, specs: tuple[NotifierSpec, ...] = ()) -> None:
-        self._specs: dict[str, NotifierSpec] = {}
-        for spec in specs:
-            self.add(spec)
-
-    def add(self, spec: NotifierSpec) -> NotifierSpec:
-        if spec.name in self._specs:
-            raise ValueError(f"notifier {spec.name!r} is registered twice")
-        self._specs[spec.name] = spec
-        return spec
-
-    def get(self, name: str) -> NotifierSpec | None:
-        return self._specs.get(name)
-
-    def __getitem__(self, name: str) -> NotifierSpec:
-        return self._specs[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._specs
-
-    def __iter__(self) -> Iterator[NotifierSpec]:
-        return iter(sorted(self._specs.values(), key=lambda s: s.name))
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def copy(self) -> NotifierRegistry:
-        return NotifierRegistry(tuple(self._specs.values()))
+    kind = "notifier"
 
 
 NOTIFIERS = NotifierRegistry()

@@ -401,22 +401,7 @@ class _ProcessSink(_Sink):
     def send(self, batch: list[Item]) -> None:
         if self._process is None or not self._process.is_alive():
             raise RuntimeError("the trace export process is not running")
-        rows = [
-            (
-                tid,
-                remote,
-                r.name,
-                r.span_id,
-                r.parent_id,
-                r.start_ns,
-                r.end_ns,
-                r.kind.value,
-                r.attributes,
-                r.events,
-                r.error,
-            )
-            for tid, remote, r in batch
-        ]
+        rows = [_row(*item) for item in batch]
         self._conn.send_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
@@ -430,6 +415,23 @@ class _ProcessSink(_Sink):
                 self._process.terminate()
 
 
+def _row(trace_id: int, remote_parent: int | None, r: SpanRecord) -> tuple[Any, ...]:
+    """A recorded span as a plain tuple (what crosses to the export process)."""
+    return (
+        trace_id,
+        remote_parent,
+        r.name,
+        r.span_id,
+        r.parent_id,
+        r.start_ns,
+        r.end_ns,
+        r.kind.value,
+        r.attributes,
+        r.events,
+        r.error,
+    )
+
+
 class _Converter:
     """Turns recorded spans into the SDK's ReadableSpans (attribute names, bounds, status)."""
 
@@ -438,19 +440,7 @@ class _Converter:
         self.scope = InstrumentationScope("falco-talon")
 
     def __call__(self, trace_id: int, remote_parent: int | None, r: SpanRecord) -> ReadableSpan:
-        return self.row(
-            trace_id,
-            remote_parent,
-            r.name,
-            r.span_id,
-            r.parent_id,
-            r.start_ns,
-            r.end_ns,
-            r.kind.value,
-            r.attributes,
-            r.events,
-            r.error,
-        )
+        return self.row(*_row(trace_id, remote_parent, r))
 
     def row(
         self,

@@ -1,0 +1,59 @@
+"""A registry of plug-in declarations by name: the base of the actionner and notifier
+registries.
+
+Part of the engine's contract with plug-ins (``actionners.registry`` and
+``notifiers.registry`` build on it); it holds declarations, never runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Generic, Protocol, Self, TypeVar
+
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+S = TypeVar("S", bound=Named)
+
+
+class Registry(Generic[S]):
+    """Declarations by name, iterated in name order. ``kind`` names them in errors."""
+
+    kind = "plug-in"
+
+    def __init__(self, specs: tuple[S, ...] = ()) -> None:
+        self._specs: dict[str, S] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def validate(self, spec: S) -> None:
+        """Refuse a malformed declaration (subclasses add their rules)."""
+
+    def add(self, spec: S) -> S:
+        self.validate(spec)
+        if spec.name in self._specs:
+            raise ValueError(f"{self.kind} {spec.name!r} is registered twice")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> S | None:
+        return self._specs.get(name)
+
+    def __getitem__(self, name: str) -> S:
+        return self._specs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[S]:
+        return iter(sorted(self._specs.values(), key=lambda s: s.name))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def copy(self) -> Self:
+        """A registry of the same declarations, to add test-only ones to."""
+        return type(self)(tuple(self._specs.values()))
