@@ -24,16 +24,7 @@ $(STAMP): pyproject.toml uv.lock
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: install
-	@envfile=$$($(BIN)/python -m tests.env.testenv up) && . "$$envfile" && \
-	$(BIN)/python examples/demo.py setup --kubeconfig "$$KUBECONFIG" && \
-	echo && echo "falco-talon on http://127.0.0.1:2803, acting on the local control plane ($$TESTENV_APISERVER_URL)." && \
-	echo "In another terminal, send sample Falco events for pod demo/web-7d4b9c7f5d-x2x8k:" && \
-	echo "  curl -s -XPOST http://127.0.0.1:2803/ -d @examples/event-warning.json   # Warning: isolate, exec, label" && \
-	echo "  curl -s -XPOST http://127.0.0.1:2803/ -d @examples/event.json           # Critical: isolate, exec, terminate" && \
-	echo "then see what happened:" && \
-	echo "  $(BIN)/python examples/demo.py status --kubeconfig $$KUBECONFIG" && \
-	echo "(make testenv-down stops the control plane; make run again recreates the demo pods)" && echo && \
-	KUBECONFIG="$$KUBECONFIG" $(BIN)/falco-talon server -c examples/config.yaml -r examples/rules.yaml
+	bash examples/run.sh
 
 testenv-up: install
 	$(BIN)/python -m tests.env.testenv up

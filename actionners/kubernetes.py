@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -299,21 +300,24 @@ async def _exec(ctx: ActionContext, api: KubeApi) -> ActionResult:
                 stdout=True,
                 tty=False,
                 _preload_content=False,
-                _request_timeout=timeout,
+                _request_timeout=timeout + 10,  # the socket outlives run_forever's deadline
             )
+            started = time.monotonic()
             try:
-                out, err = [], []
                 resp.run_forever(timeout=timeout)
-                out.append(resp.read_stdout() or "")
-                err.append(resp.read_stderr() or "")
+                # timeout=0: never wait here for output of a command still running.
+                out = resp.read_stdout(timeout=0) or ""
+                err = resp.read_stderr(timeout=0) or ""
                 code = resp.returncode
             finally:
-                resp.close()
+                resp.close(timeout=1)  # closing the stream makes the kubelet kill the command
             return {
-                "stdout": _cut("".join(out)),
-                "stderr": _cut("".join(err)),
+                "stdout": _cut(out),
+                "stderr": _cut(err),
                 "exit_code": code if code is not None else -1,
-                "timed_out": code is None,
+                # A command still running at the deadline is killed when the stream closes;
+                # depending on timing the kubelet's 137 may arrive first: either way it ran out.
+                "timed_out": code is None or time.monotonic() - started >= timeout,
             }
 
         try:

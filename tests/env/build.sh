@@ -5,18 +5,20 @@
 #   tests/env/build.sh k8s        same
 #   tests/env/build.sh jaeger     Jaeger v2 all-in-one binary
 #   tests/env/build.sh kubelet    talon-kubelet, the test kubelet of tests/env/kubelet/
+#   tests/env/build.sh helm       helm v3 CLI (lint/template of charts/, tests/chart/)
 #
 # Binaries are cached outside the repository, in
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/k8s-<K8S_VERSION>-etcd-<ETCD_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/jaeger-<JAEGER_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/kubelet-<hash of its sources>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/helm-<HELM_VERSION>/
 # A second run finds them there and returns at once. If KUBEBUILDER_ASSETS names
 # a directory holding kube-apiserver and etcd (as setup-envtest provides), that
 # directory is used and nothing is built.
 #
 # Progress goes to stderr; the last line on stdout is the bin directory.
 #
-# Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, GO (the go
+# Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, HELM_VERSION, GO (the go
 # binary), GOPROXY, XDG_CACHE_HOME. (The kubelet's versions are pinned by
 # tests/env/kubelet/go.mod and go.sum, not by K8S_VERSION.)
 set -euo pipefail
@@ -24,6 +26,7 @@ set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-v1.34.12}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KUBELET_SRC="$HERE/kubelet"
@@ -70,12 +73,16 @@ kubelet)
     BIN_DIR="$CACHE_ROOT/kubelet-$(kubelet_src_hash)"
     have_bins "$BIN_DIR" talon-kubelet && { echo "$BIN_DIR"; exit 0; }
     ;;
+helm)
+    BIN_DIR="$CACHE_ROOT/helm-$HELM_VERSION"
+    have_bins "$BIN_DIR" helm && { echo "$BIN_DIR"; exit 0; }
+    ;;
 -h|--help|help)
     sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    die "unknown target '$target' (expected: k8s, jaeger, kubelet)"
+    die "unknown target '$target' (expected: k8s, jaeger, kubelet, helm)"
     ;;
 esac
 
@@ -219,6 +226,29 @@ build_kubelet() {
     "$BIN_DIR/talon-kubelet" --version >&2
 }
 
+build_helm() {
+    [[ -x "$BIN_DIR/helm" ]] && return 0
+    local dir="$SCRATCH/helm" k8s ld
+    mkdir -p "$dir"
+    (
+        cd "$dir"
+        "$GO" mod init falco-talon.local/testenv/helm >/dev/null 2>&1
+        log "go get -tool helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+        "$GO" get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+        # What helm's Makefile stamps: its version, and the Kubernetes version that
+        # `helm template`/`lint` assume (client-go v0.N.M -> 1.N).
+        k8s="$("$GO" list -m -f '{{.Version}}' k8s.io/client-go)"
+        [[ "$k8s" =~ ^v0\.([0-9]+)\. ]] || die "unexpected k8s.io/client-go version $k8s"
+        ld="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+        ld+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+        for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+            ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=${BASH_REMATCH[1]}"
+        done
+        gobuild "$BIN_DIR/helm" "$ld" helm.sh/helm/v3/cmd/helm
+    )
+    "$BIN_DIR/helm" version --short >&2
+}
+
 case "$target" in
 k8s)
     build_etcd
@@ -229,6 +259,9 @@ jaeger)
     ;;
 kubelet)
     build_kubelet
+    ;;
+helm)
+    build_helm
     ;;
 esac
 

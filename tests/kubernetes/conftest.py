@@ -20,6 +20,7 @@ from kubernetes import client
 
 from engine import kubeapi
 from engine.kubeapi import KubeApi, RetryPolicy
+from tests.env.kubelet import TestKubelet, kubelet_apiserver_args
 from tests.env.testenv import TestEnv, TestEnvInfo, default_state_dir
 
 NODE = "talon-node-1"
@@ -27,13 +28,18 @@ NODE = "talon-node-1"
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[TestEnv]:
-    """The session's etcd + kube-apiserver (started, and stopped at the end, by the tests)."""
+    """The session's etcd + kube-apiserver, plus the test kubelet that serves ``pods/exec``
+    for pods bound to :data:`NODE` (started, and stopped at the end, by the tests)."""
     # A state directory of its own, so a test run never stops the control plane that
     # `make run` uses; set FALCO_TALON_TESTENV_DIR to reuse one started with `make testenv-up`.
     explicit = os.environ.get("FALCO_TALON_TESTENV_DIR")
-    env = TestEnv(explicit or f"{default_state_dir()}-pytest")
-    env.start()
+    state_dir = explicit or f"{default_state_dir()}-pytest"
+    env = TestEnv(state_dir, extra_apiserver_args=kubelet_apiserver_args(state_dir))
+    info = env.start()
+    kubelet = TestKubelet(info.kubeconfig, node_name=NODE)
+    kubelet.start()
     yield env
+    kubelet.stop()
     env.stop()
 
 
@@ -211,8 +217,10 @@ class Cluster:
         )
         return Workload("StatefulSet", name, self.ns, sts, [pod])
 
-    def standalone(self, name: str, labels: dict[str, str]) -> Workload:
-        self.pod(name, labels)
+    def standalone(
+        self, name: str, labels: dict[str, str], containers: tuple[str, ...] = ("app",)
+    ) -> Workload:
+        self.pod(name, labels, containers=containers)
         return Workload("Pod", name, self.ns, None, [name])
 
     def get_pod(self, name: str) -> Any | None:
