@@ -15,6 +15,8 @@ from tests.kubernetes.harness import event_for, outcomes, start_talon
 
 pytestmark = pytest.mark.kubernetes
 
+SEED_RULES = Path("examples/rules.yaml").read_text()
+
 
 def exec_rule(command: str, **params: Any) -> str:
     extra = "".join(f"      {k}: {v!r}\n" for k, v in params.items())
@@ -65,8 +67,7 @@ async def test_the_seed_rules_isolate_and_inspect_before_they_terminate(
     aiohttp_client: Any, tmp_path: Path, kube: KubeApi, cluster: Cluster
 ) -> None:
     rs = cluster.replicaset("web", replicas=2)
-    rules = Path("examples/rules.yaml").read_text()
-    talon = await start_talon(aiohttp_client, tmp_path, rules)
+    talon = await start_talon(aiohttp_client, tmp_path, SEED_RULES)
     run = await talon.send(event_for(rs.pods[0], cluster.ns, priority="Critical"))
     assert [(s.stage.value, s.rule.action, s.outcome.value) for s in run.steps] == [
         ("before-actions", "kubernetes:networkpolicy", "succeeded"),
