@@ -38,7 +38,17 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-__all__ = ["ACTIVE", "NO_SPAN", "NO_TRACE", "SpanKind", "SpanRecord", "Trace", "Tracing"]
+__all__ = [
+    "ACTIVE",
+    "NO_SPAN",
+    "NO_TRACE",
+    "RowSink",
+    "Sink",
+    "SpanKind",
+    "SpanRecord",
+    "Trace",
+    "Tracing",
+]
 
 log = logging.getLogger("falco_talon.tracing")
 
@@ -250,16 +260,19 @@ class Tracing:
         settings: TracingSettings = TracingSettings(),
         exporter: SpanExporter | None = None,
         *,
+        sink: Sink | None = None,
         flush_interval: float = 0.5,
         max_batch: int = 512,
         max_queue: int = 65536,
     ) -> None:
         self.settings = settings
-        self.enabled = settings.enabled or exporter is not None
+        self.enabled = settings.enabled or exporter is not None or sink is not None
         self.ratio = settings.sampling_ratio
         self._bound = int(self.ratio * (1 << 64))
-        self._sink: _Sink | None = None
-        if exporter is not None:
+        self._sink: Sink | None = sink
+        if sink is not None:
+            pass
+        elif exporter is not None:
             self._sink = _ThreadSink(exporter, settings.service_name)
         elif settings.enabled:
             self._sink = _ProcessSink(settings)
@@ -350,7 +363,11 @@ class Tracing:
             self._sink.close()
 
 
-class _Sink:
+class Sink:
+    """Where batches of finished spans go, from the export thread. Subclass to measure or
+    to test (``make bench`` discards rows after the same work the export process path does).
+    """
+
     def start(self) -> None:
         return None
 
@@ -361,7 +378,7 @@ class _Sink:
         return None
 
 
-class _ThreadSink(_Sink):
+class _ThreadSink(Sink):
     """Converts and exports in the calling (export) thread."""
 
     def __init__(self, exporter: SpanExporter, service_name: str) -> None:
@@ -377,7 +394,17 @@ class _ThreadSink(_Sink):
         self.exporter.shutdown()
 
 
-class _ProcessSink(_Sink):
+class RowSink(Sink):
+    """Turns a batch into the plain rows the export process receives, pickled."""
+
+    def encode(self, batch: list[Item]) -> bytes:
+        return pickle.dumps([_row(*item) for item in batch], protocol=pickle.HIGHEST_PROTOCOL)
+
+    def send(self, batch: list[Item]) -> None:
+        self.encode(batch)
+
+
+class _ProcessSink(RowSink):
     """Pickles batches of plain tuples to an export process (see :func:`_export_main`)."""
 
     def __init__(self, settings: TracingSettings) -> None:
@@ -401,8 +428,7 @@ class _ProcessSink(_Sink):
     def send(self, batch: list[Item]) -> None:
         if self._process is None or not self._process.is_alive():
             raise RuntimeError("the trace export process is not running")
-        rows = [_row(*item) for item in batch]
-        self._conn.send_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+        self._conn.send_bytes(self.encode(batch))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -477,11 +503,14 @@ class _Converter:
 
 
 def _export_main(conn: Any, settings: TracingSettings) -> None:  # pragma: no cover - subprocess
-    """The export process: read batches until end of stream, convert, export with OTLP."""
+    """The export process: read batches until end of stream, encode OTLP, send."""
+    from observability.otlp import OtlpSender, chunks, encode_request
+
     logging.basicConfig(level=logging.WARNING, format="falco-talon otel-export: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    exporter = make_exporter(settings)
-    convert = _Converter(settings.service_name)
+    sender = OtlpSender(
+        settings.endpoint, settings.protocol, settings.headers, settings.insecure, settings.timeout
+    )
     try:
         while True:
             try:
@@ -490,35 +519,8 @@ def _export_main(conn: Any, settings: TracingSettings) -> None:  # pragma: no co
                 break
             if not data:
                 break
-            spans = [convert.row(*row) for row in pickle.loads(data)]
-            for i in range(0, len(spans), 512):
-                chunk = spans[i : i + 512]
-                result = exporter.export(chunk)
-                if getattr(result, "name", "SUCCESS") != "SUCCESS":
-                    log.warning("the trace collector refused %d span(s)", len(chunk))
+            rows = pickle.loads(data)  # our own pipe, from our own parent
+            for chunk in chunks(rows, 512):
+                sender.send(encode_request(chunk, settings.service_name))
     finally:
-        exporter.shutdown()
-
-
-def make_exporter(settings: TracingSettings) -> SpanExporter:
-    """The SDK's OTLP exporter for ``settings`` (endpoint/headers default to ``OTEL_*``)."""
-    headers = dict(settings.headers) or None
-    if settings.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter(
-            endpoint=settings.endpoint or None,
-            insecure=settings.insecure,
-            headers=headers,
-            timeout=settings.timeout,
-        )
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpExporter,
-    )
-
-    endpoint = settings.endpoint or None
-    if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
-    return HttpExporter(endpoint=endpoint, headers=headers, timeout=settings.timeout)
+        sender.close()

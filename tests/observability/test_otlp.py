@@ -1,0 +1,79 @@
+"""Our OTLP encoding, decoded by the official generated classes: what we write is what the
+SDK's own encoder would say about the same spans."""
+
+from __future__ import annotations
+
+import time
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.trace import SpanKind
+
+from observability.otlp import encode_request
+from observability.tracing import SpanRecord, _Converter, _row
+
+ATTRIBUTES = {
+    "talon__rule": "kill",
+    "talon__before": False,
+    "talon__continue": True,
+    "n": -3,
+    "ratio": 0.25,
+    "talon__matched_rules": ["a", "b"],
+    "k8s__pod__name": None,
+    "falco__output": "x" * 300,
+}
+
+
+def records() -> list[SpanRecord]:
+    now = time.time_ns()
+    root = SpanRecord(
+        "POST /", 0x1234, 0xABCD, now, SpanKind.SERVER, now + 10, {"http__request__method": "POST"}
+    )
+    state = SpanRecord(
+        "actions",
+        0x5678,
+        0x1234,
+        now + 1,
+        SpanKind.INTERNAL,
+        now + 9,
+        dict(ATTRIBUTES),
+        [("step skipped", now + 2, {"talon__reason": "superseded"})],
+        "boom",
+    )
+    return [root, state]
+
+
+def test_our_encoding_decodes_to_the_same_spans_as_the_sdk_encoding() -> None:
+    trace_id, remote = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xABCD
+    spans = records()
+    ours = ExportTraceServiceRequest.FromString(
+        encode_request([_row(trace_id, remote, r) for r in spans], "falco-talon")
+    )
+    convert = _Converter("falco-talon")
+    theirs = encode_spans([convert(trace_id, remote, r) for r in spans])
+    mine = ours.resource_spans[0].scope_spans[0].spans
+    ref = theirs.resource_spans[0].scope_spans[0].spans
+    assert len(mine) == len(ref) == 2
+    for a, b in zip(mine, ref, strict=True):
+        assert (a.trace_id, a.span_id, a.parent_span_id, a.name, a.kind) == (
+            b.trace_id,
+            b.span_id,
+            b.parent_span_id,
+            b.name,
+            b.kind,
+        )
+        assert (a.start_time_unix_nano, a.end_time_unix_nano) == (
+            b.start_time_unix_nano,
+            b.end_time_unix_nano,
+        )
+        assert {kv.key: kv.value for kv in a.attributes} == {
+            kv.key: kv.value for kv in b.attributes
+        }
+        assert [(e.name, e.time_unix_nano, list(e.attributes)) for e in a.events] == [
+            (e.name, e.time_unix_nano, list(e.attributes)) for e in b.events
+        ]
+        assert (a.status.code, a.status.message) == (b.status.code, b.status.message)
+    service = {kv.key: kv.value.string_value for kv in ours.resource_spans[0].resource.attributes}
+    assert service["service.name"] == "falco-talon"
+    assert mine[1].status.code == 2 and mine[1].status.message == "boom"  # ERROR
+    assert len({kv.key: kv for kv in mine[1].attributes}["falco.output"].value.string_value) == 256
