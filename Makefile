@@ -57,6 +57,7 @@ bench: install
 
 schemas: install
 	$(BIN)/falco-talon schemas
+	$(BIN)/python -m tests.chart.sync
 
 fmt: install
 	$(BIN)/ruff format .

@@ -1,0 +1,139 @@
+{{/* Names */}}
+{{- define "falco-talon.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "falco-talon.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "falco-talon.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "falco-talon.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "falco-talon.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "falco-talon.labels" -}}
+helm.sh/chart: {{ include "falco-talon.chart" . }}
+{{ include "falco-talon.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: response-engine
+app.kubernetes.io/part-of: falco
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "falco-talon.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "falco-talon.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "falco-talon.secretName" -}}
+{{- default (include "falco-talon.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{- define "falco-talon.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The configuration file, as rendered into the Secret. kubeConfig is forced empty (in-cluster
+credentials) and rulesFile to the rules ConfigMap's mount (the command line passes the same
+directory).
+*/}}
+{{- define "falco-talon.config" -}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- $_ := set $config "kubeConfig" "" }}
+{{- $_ := set $config "rulesFile" (list "/etc/falco-talon/rules/") }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+The ClusterRole's rules: the union of what files/rbac-declarations.yaml (the output of
+`falco-talon rbac --declarations`) declares for each actionner the rules name (action.name)
+and each notifier in use (the rules' `notifiers` plus config.defaultNotifiers). Verbs are
+merged per (apiGroup, resource); resources of one API group that need the same verbs are
+grouped into one rule, as engine/rbac.py's merge() does. An actionner or notifier that the
+declarations do not know fails the install: its permissions would be unknown.
+*/}}
+{{- define "falco-talon.rbacRules" -}}
+{{- $decl := .Files.Get "files/rbac-declarations.yaml" | fromYaml }}
+{{- if or (not $decl) (hasKey $decl "Error") }}
+{{- fail "files/rbac-declarations.yaml is missing or unreadable" }}
+{{- end }}
+{{- $all := concat (.Values.rules | default list) (.Values.rulesOverride | default list) }}
+{{- $actionners := list }}
+{{- $notifiers := list }}
+{{- range $all }}
+{{- if and (kindIs "map" .) (kindIs "map" .action) .action.name }}
+{{- $actionners = append $actionners .action.name }}
+{{- end }}
+{{- if kindIs "map" . }}
+{{- range (.notifiers | default list) }}
+{{- $notifiers = append $notifiers . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $default := (.Values.config | default dict).defaultNotifiers | default list }}
+{{- if kindIs "string" $default }}
+{{- $default = splitList "," $default }}
+{{- end }}
+{{- range $default }}
+{{- if trim . }}
+{{- $notifiers = append $notifiers (trim .) }}
+{{- end }}
+{{- end }}
+{{- $declared := list }}
+{{- range ($actionners | uniq | sortAlpha) }}
+{{- if not (hasKey $decl.actionners .) }}
+{{- fail (printf "rules use actionner %q, which files/rbac-declarations.yaml does not declare (known: %s)" . (keys $decl.actionners | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $declared = concat $declared (get $decl.actionners . | default list) }}
+{{- end }}
+{{- range ($notifiers | uniq | sortAlpha) }}
+{{- if not (hasKey $decl.notifiers .) }}
+{{- fail (printf "notifier %q is used but files/rbac-declarations.yaml does not declare it (known: %s)" . (keys $decl.notifiers | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $declared = concat $declared (get $decl.notifiers . | default list) }}
+{{- end }}
+{{- /* (apiGroup, resource) -> verbs */}}
+{{- $verbs := dict }}
+{{- range $declared }}
+{{- $rule := . }}
+{{- range $rule.apiGroups }}
+{{- $group := . }}
+{{- range $rule.resources }}
+{{- $key := printf "%s|%s" $group . }}
+{{- $_ := set $verbs $key (concat (get $verbs $key | default list) $rule.verbs) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* (apiGroup, verbs) -> resources */}}
+{{- $grouped := dict }}
+{{- range $key := keys $verbs | sortAlpha }}
+{{- $parts := splitList "|" $key }}
+{{- $vs := get $verbs $key | uniq | sortAlpha }}
+{{- $gkey := printf "%s|%s" (index $parts 0) (join "," $vs) }}
+{{- $_ := set $grouped $gkey (append (get $grouped $gkey | default list) (index $parts 1)) }}
+{{- end }}
+{{- $rules := list }}
+{{- range $gkey := keys $grouped | sortAlpha }}
+{{- $parts := splitList "|" $gkey }}
+{{- $rules = append $rules (dict "apiGroups" (list (index $parts 0)) "resources" (get $grouped $gkey) "verbs" (splitList "," (index $parts 1))) }}
+{{- end }}
+{{- toYaml $rules }}
+{{- end }}
