@@ -261,13 +261,15 @@ def free_port() -> int:
 
 def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
     port = free_port()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - unread; a pipe would fill and stall the server
     env = {
         **os.environ,
         "LOGFORMAT": "json",
         "LOGLEVEL": "warning",
         "WATCHRULES": "false",
         "QUEUESIZE": "10000",
-    }
+        "DEFAULTNOTIFIERS": "",
+    }  # ingest and the machine, no cluster
     server = subprocess.Popen(
         [
             sys.executable,
@@ -285,7 +287,7 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
         _wait_port(port)
@@ -294,10 +296,14 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
             result = _wrk(wrk, port, seconds, connections)
         else:
             result = _loadgen(port, seconds, connections)
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        result["server_peak_rss_kib"] = int(
+            next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]
+        )
     finally:
         server.terminate()
-        server.wait(30)
-    result["server_peak_rss_kib"] = None
+        server.wait(60)
+        log.close()
     return result
 
 

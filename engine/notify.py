@@ -103,7 +103,7 @@ class Dispatcher:
     def _count(self, name: str, outcome: str) -> None:
         self.stats[(name, outcome)] += 1
         if self.metrics is not None:
-            self.metrics.notifications.labels(name, outcome).inc()
+            self.metrics.notification(name, outcome)
 
     def _queue(self, name: str) -> asyncio.Queue[Item]:
         queue = self._queues.get(name)

@@ -30,7 +30,7 @@ from engine.results import ActionResult, Outcome
 from engine.rules import RuleSet
 from observability.metrics import Metrics
 from observability.tracing import ACTIVE as _LOG_CONTEXT
-from observability.tracing import SpanRecord, Trace, Tracing
+from observability.tracing import NO_SPAN, SpanRecord, Trace, Tracing
 
 log = logging.getLogger("falco_talon.pipeline")
 
@@ -106,7 +106,12 @@ class Pipeline:
         run = machine.start(EventRun(event, compiled.matcher, self.default_notifiers))
         run.trace_id = trace.trace_id_hex
         started = time.perf_counter()
-        span = trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
+        sampled = trace.sampled  # unsampled: no span attributes are even built
+        span = (
+            trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
+            if sampled
+            else NO_SPAN
+        )
         token = _LOG_CONTEXT.set((trace, span))
         if event.level is None:
             log.warning(
@@ -118,8 +123,9 @@ class Pipeline:
             while not run.finished:
                 machine.advance(run)
                 span.end()
-                span = trace.start(run.state, parent, talon__event_id=event.id)
-                _LOG_CONTEXT.set((trace, span))
+                if sampled:
+                    span = trace.start(run.state, parent, talon__event_id=event.id)
+                    _LOG_CONTEXT.set((trace, span))
                 for step in run.pending:
                     await self._execute(run, step, trace, span)
                 self._record_state(run, span)
@@ -142,8 +148,7 @@ class Pipeline:
             _LOG_CONTEXT.reset(token)
         self.stats[run.state] += 1
         if self.metrics is not None:
-            self.metrics.events_processed.labels(run.state).inc()
-            self.metrics.event_seconds.observe(time.perf_counter() - started)
+            self.metrics.processed(run.state, time.perf_counter() - started)
         if self.dispatcher is not None and run.deliveries:
             self.dispatcher.submit(run, trace, span)
         if self.tracing is not None:
@@ -154,10 +159,11 @@ class Pipeline:
         """What the state decided, on its span, in the log and in the metrics."""
         state = run.state
         if state == machine.Stage.MATCHED:
-            span.set(talon__matched_rules=[r.name for r in run.matched])
+            if span is not NO_SPAN:
+                span.set(talon__matched_rules=[r.name for r in run.matched])
             if self.metrics is not None:
                 for rule in run.matched:
-                    self.metrics.rules_matched.labels(rule.name).inc()
+                    self.metrics.matched(rule.name)
         elif state == machine.Stage.ACTIONS:
             for step in run.steps:
                 if step.stage is machine.Stage.ACTIONS and not step.ran:
@@ -195,22 +201,24 @@ class Pipeline:
 
     def _count_action(self, actionner: str, outcome: Outcome, seconds: float | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.actions.labels(actionner, outcome.value).inc()
-            if seconds is not None:
-                self.metrics.action_seconds.labels(actionner).observe(seconds)
+            self.metrics.action(actionner, outcome.value, seconds)
 
     async def _execute(self, run: EventRun, step: Step, trace: Trace, state: SpanRecord) -> None:
         rule = step.rule
         target = run.event.target
-        span = trace.start(
-            rule.action,
-            state,
-            talon__rule=rule.name,
-            talon__action=rule.action,
-            talon__before=rule.before,
-            talon__continue=rule.continue_,
-            k8s__pod__name=target.pod,
-            k8s__namespace__name=target.namespace,
+        span = (
+            NO_SPAN
+            if not trace.sampled
+            else trace.start(
+                rule.action,
+                state,
+                talon__rule=rule.name,
+                talon__action=rule.action,
+                talon__before=rule.before,
+                talon__continue=rule.continue_,
+                k8s__pod__name=target.pod,
+                k8s__namespace__name=target.namespace,
+            )
         )
         started = time.perf_counter()
         if self.dry_run:
@@ -225,7 +233,8 @@ class Pipeline:
         step.result = result
         step.outcome = result.outcome
         step.reason = result.reason
-        span.set(talon__outcome=result.outcome.value, talon__reason=result.reason)
+        if span is not NO_SPAN:
+            span.set(talon__outcome=result.outcome.value, talon__reason=result.reason)
         if result.outcome is Outcome.FAILED:
             span.fail(result.reason)
         span.end()

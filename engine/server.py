@@ -197,7 +197,7 @@ async def post_event(request: web.Request) -> web.Response:
 
 def _refuse_full(service: Service, event: FalcoEvent) -> web.Response:
     service.stats["refused.queue_full"] += 1
-    service.metrics.events_rejected.labels("queue_full").inc()
+    service.metrics.rejected("queue_full")
     log.warning("event refused: queue full", extra={"fields": {"event_id": event.id}})
     return _json(503, {"error": "queue full, retry later", "id": event.id}, {"Retry-After": "1"})
 
@@ -206,15 +206,15 @@ async def _accept(
     request: web.Request, service: Service, root: SpanRecord
 ) -> tuple[web.Response, FalcoEvent | None]:
     """Validate the request; a 202 means the event may be queued."""
-    rejected = service.metrics.events_rejected
+    metrics = service.metrics
     if not service.accepting:
         service.stats["refused.shutting_down"] += 1
-        rejected.labels("shutting_down").inc()
+        metrics.rejected("shutting_down")
         return _json(503, {"error": "shutting down"}, {"Retry-After": "5"}), None
     limit = service.max_body_size
     if request.content_length is not None and request.content_length > limit:
         service.stats["rejected.too_large"] += 1
-        rejected.labels("too_large").inc()
+        metrics.rejected("too_large")
         return _json(
             413,
             {
@@ -226,13 +226,13 @@ async def _accept(
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         service.stats["rejected.too_large"] += 1
-        rejected.labels("too_large").inc()
+        metrics.rejected("too_large")
         return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"}), None
     try:
         event = decode_event(body)
     except EventError as exc:
         service.stats["rejected.invalid"] += 1
-        rejected.labels("invalid").inc()
+        metrics.rejected("invalid")
         root.set(talon__error=exc.message)
         return _json(400, exc.as_json()), None
     if service.queue.full():

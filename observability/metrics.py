@@ -9,6 +9,7 @@ few dozen seen as ``other``. Every name starts with ``falco_talon_``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -111,6 +112,7 @@ class Metrics:
         )
         self._sources: set[str] = set()
         self._received: dict[tuple[str, str], Counter] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def received(self, source: str, priority: str) -> None:
         key = (source, priority)
@@ -127,6 +129,36 @@ class Metrics:
             if len(self._received) < 4096:
                 self._received[key] = child
         child.inc()
+
+    # Recording, with the labelled children cached: ``labels()`` validates and locks on every
+    # call, which cost ~20 µs an event before the cache.
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < 4096:
+                self._children[key] = child
+        return child
+
+    def rejected(self, reason: str) -> None:
+        self._child(self.events_rejected, reason).inc()
+
+    def matched(self, rule: str) -> None:
+        self._child(self.rules_matched, rule).inc()
+
+    def processed(self, state: str, seconds: float) -> None:
+        self._child(self.events_processed, state).inc()
+        self.event_seconds.observe(seconds)
+
+    def action(self, actionner: str, outcome: str, seconds: float | None = None) -> None:
+        self._child(self.actions, actionner, outcome).inc()
+        if seconds is not None:
+            self._child(self.action_seconds, actionner).observe(seconds)
+
+    def notification(self, notifier: str, outcome: str) -> None:
+        self._child(self.notifications, notifier, outcome).inc()
 
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.queue_depth.set_function(queue_depth)
