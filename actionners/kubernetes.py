@@ -63,12 +63,7 @@ async def _pod(api: KubeApi, ctx: ActionContext) -> tuple[Any, Target]:
             target,
         )
     try:
-        pod = await api.call(
-            f"get pod {target.namespace}/{target.pod}",
-            api.core.read_namespaced_pod,
-            target.pod,
-            target.namespace,
-        )
+        pod = await api.read_pod(target.namespace, target.pod)
     except NotFound:
         raise NoTarget(f"pod {target.namespace}/{target.pod} no longer exists", target) from None
     return pod, Target(target.pod, target.namespace, pod.metadata.uid)

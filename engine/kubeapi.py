@@ -189,6 +189,12 @@ class KubeApi:
                 delay = min(delay * 2, self.retry.max_backoff)
         raise AssertionError("unreachable")
 
+    async def read_pod(self, namespace: str, name: str) -> Any:
+        """The pod, or :class:`NotFound`."""
+        return await self.call(
+            f"get pod {namespace}/{name}", self.core.read_namespaced_pod, name, namespace
+        )
+
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run a long blocking client operation (an exec stream) in the pool, no retries."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)

@@ -56,13 +56,7 @@ async def send(note: Notification, settings: Mapping[str, Any]) -> None:
     uid = target.uid
     if uid is None:
         try:
-            pod = await api.call(
-                f"get pod {target.namespace}/{target.pod}",
-                api.core.read_namespaced_pod,
-                target.pod,
-                target.namespace,
-            )
-            uid = pod.metadata.uid
+            uid = (await api.read_pod(target.namespace, target.pod)).metadata.uid
         except NotFound:
             uid = None  # the pod is gone: the Event still names it
     now = datetime.now(UTC)
