@@ -245,24 +245,7 @@ def bench_kubernetes(events: int = 200) -> dict[str, Any]:
         "DEFAULTNOTIFIERS": "",
     }
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine",
-                "server",
-                "-c",
-                str(ROOT / "examples" / "config.yaml"),
-                "-r",
-                str(rules),
-                "--listen-port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env_vars,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+        server = start_server(rules, port, env_vars, log)
         latencies = []
         try:
             _wait_port(port)
@@ -353,6 +336,32 @@ def bench_memory() -> dict[str, Any]:
     return marks
 
 
+def start_server(
+    rules: Path, port: int, env: dict[str, str], log: Any, *flags: str
+) -> subprocess.Popen[bytes]:
+    """``falco-talon server`` with examples/config.yaml; stderr to ``log`` (never a pipe
+    nobody reads: it would fill and stall the server)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "server",
+            "-c",
+            str(ROOT / "examples" / "config.yaml"),
+            "-r",
+            str(rules),
+            "--listen-port",
+            str(port),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -370,25 +379,7 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
         "QUEUESIZE": "10000",
         "DEFAULTNOTIFIERS": "",
     }  # ingest and the machine, no cluster
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "server",
-            "-c",
-            str(ROOT / "examples" / "config.yaml"),
-            "-r",
-            str(ROOT / "examples" / "rules.yaml"),
-            "--listen-port",
-            str(port),
-            "--dry-run",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+    server = start_server(ROOT / "examples" / "rules.yaml", port, env, log, "--dry-run")
     try:
         _wait_port(port)
         wrk = shutil.which("wrk")
