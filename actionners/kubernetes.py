@@ -4,7 +4,7 @@ Position in the flow: ... -> state machine -> **actionners** -> notifiers.
 
 Each actionner is declared with its ``continue``/``before`` defaults, the JSON Schema of its
 parameters and the RBAC rules it needs, and runs against the API through the engine's
-shared client (``engine.kubeapi``): calls run off the event loop, transient failures are
+shared client (``engine.contract.kubeapi``): calls run off the event loop, transient failures are
 retried there, permanent ones come back with the API's message.
 
 The pod comes from the event: ``k8s.pod.name``/``k8s.ns.name``, or ``ka.target.name``/
@@ -21,10 +21,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from actionners.registry import ActionContext, RbacRule, actionner
-from engine import kubeapi
-from engine.kubeapi import ApiPermanentError, Conflict, KubeApi, NotFound
-from engine.results import ActionResult, Target
+from engine.contract.actionners import ActionContext, RbacRule, actionner
+from engine.contract import kubeapi
+from engine.contract.kubeapi import ApiPermanentError, Conflict, KubeApi, NotFound
+from engine.contract.results import ActionResult, Target
 
 # Kubernetes label syntax: an optional DNS-subdomain prefix and a name of at most 63 chars.
 LABEL_KEY_PATTERN = (

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.event import FalcoEvent, decode_event  # noqa: E402
+from engine.contract.event import FalcoEvent, decode_event  # noqa: E402
 from engine.matcher import Matcher  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.plugins import load_plugins  # noqa: E402

@@ -2,12 +2,12 @@
 
 Data flows one way through the package:
 
-    HTTP (engine.server) -> event model (engine.event) -> matcher (engine.matcher)
+    HTTP (engine.server) -> event model (engine.contract.event) -> matcher (engine.matcher)
     -> per-event state machine (engine.machine, driven by engine.pipeline)
     -> actionners (actionners.*) -> notifiers (notifiers.*, via engine.notify)
 
 Plug-ins (``actionners``, ``notifiers``) may import only the engine's contract modules:
-``engine.event``, ``engine.results``, ``engine.errors`` and ``engine.priority``.
+``engine.contract.event``, ``engine.contract.results``, ``engine.contract.errors`` and ``engine.contract.priority``.
 """
 
 __version__ = "0.1.0"

@@ -27,9 +27,9 @@ from engine.config import (
     notifier_settings,
     redacted,
 )
-from engine.errors import ConfigError
-from engine.event import EventError, load_event
-from engine.kubeapi import NotConfigured
+from engine.contract.errors import ConfigError
+from engine.contract.event import EventError, load_event
+from engine.contract.kubeapi import NotConfigured
 from engine.plugins import load_plugins
 from engine.rules import RuleSet, RulesInvalid, RulesLoader
 
@@ -124,7 +124,7 @@ def server(
 
 
 async def _serve(settings: Settings) -> None:
-    from engine import kubeapi
+    from engine.contract import kubeapi
     from engine.notify import DeliveryPolicy, Dispatcher
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher

@@ -21,9 +21,9 @@ from typing import Any
 
 import jsonschema
 
-from engine.errors import ConfigError
+from engine.contract.errors import ConfigError
 from engine.sourcemap import Document, json_path, load_yaml
-from notifiers.registry import NotifierRegistry
+from engine.contract.notifiers import NotifierRegistry
 from observability.tracing import TracingSettings
 
 DEFAULT_CONFIG = "/etc/falco-talon/config.yaml"

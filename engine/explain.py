@@ -7,11 +7,11 @@ run record for people (text) or for CI (JSON; the contract is in the README).
 
 from __future__ import annotations
 
-from actionners.registry import ActionnerRegistry
-from engine.event import FalcoEvent
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.event import FalcoEvent
 from engine.machine import EventRun
 from engine.pipeline import Pipeline
-from engine.results import Outcome
+from engine.contract.results import Outcome
 from engine.rules import RuleSet
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 from transitions import Machine
 
-from engine.event import FalcoEvent
+from engine.contract.event import FalcoEvent
 from engine.matcher import Matcher
-from engine.results import ActionResult, Outcome
+from engine.contract.results import ActionResult, Outcome
 from engine.rules import Rule
 
 

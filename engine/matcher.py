@@ -24,8 +24,8 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 
-from engine.event import FalcoEvent
-from engine.priority import Priority
+from engine.contract.event import FalcoEvent
+from engine.contract.priority import Priority
 from engine.rules import FieldCondition, Match, Rule, RuleSet
 
 log = logging.getLogger("falco_talon.matcher")

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import PermanentError, TemporaryError
+from engine.contract.errors import PermanentError, TemporaryError
 from engine.machine import EventRun
-from notifiers.registry import Notification, NotifierRegistry
+from engine.contract.notifiers import Notification, NotifierRegistry
 from observability.metrics import Metrics
 from observability.tracing import ACTIVE, NO_SPAN, NO_TRACE, SpanRecord, Trace, Tracing
 

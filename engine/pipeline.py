@@ -19,14 +19,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from actionners.registry import ActionContext, ActionnerRegistry
+from engine.contract.actionners import ActionContext, ActionnerRegistry
 from engine import machine
-from engine.errors import TalonError
-from engine.event import FalcoEvent
+from engine.contract.errors import TalonError
+from engine.contract.event import FalcoEvent
 from engine.machine import EventRun, Step
 from engine.matcher import Matcher
 from engine.notify import Dispatcher
-from engine.results import ActionResult, Outcome
+from engine.contract.results import ActionResult, Outcome
 from engine.rules import RuleSet
 from observability.metrics import Metrics
 from observability.tracing import ACTIVE as _LOG_CONTEXT

@@ -11,8 +11,8 @@ import importlib
 import logging
 from importlib.metadata import entry_points
 
-from actionners.registry import ACTIONNERS, ActionnerRegistry
-from notifiers.registry import NOTIFIERS, NotifierRegistry
+from engine.contract.actionners import ACTIONNERS, ActionnerRegistry
+from engine.contract.notifiers import NOTIFIERS, NotifierRegistry
 
 log = logging.getLogger("falco_talon.plugins")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from actionners.registry import ActionnerRegistry
-from engine.kubeapi import RbacRule
-from notifiers.registry import NotifierRegistry
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.kubeapi import RbacRule
+from engine.contract.notifiers import NotifierRegistry
 
 
 def merge(rules: Iterable[RbacRule]) -> list[RbacRule]:

@@ -21,10 +21,10 @@ from typing import Any
 
 import jsonschema
 
-from actionners.registry import ActionnerRegistry
-from engine.priority import Priority, parse_priority, priority_names
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.priority import Priority, parse_priority, priority_names
 from engine.sourcemap import Document, PathKey, Position, SourceError, json_path, load_yaml
-from notifiers.registry import NotifierRegistry
+from engine.contract.notifiers import NotifierRegistry
 
 SCHEMA_ID = "https://falco-talon.dev/schemas/rules.schema.json"
 

@@ -2,7 +2,7 @@
 
 Position in the flow: **HTTP** -> event model -> matcher -> state machine -> ...
 
-``POST /`` validates the body (``engine.event``) and queues the event; a bounded pool of
+``POST /`` validates the body (``engine.contract.event``) and queues the event; a bounded pool of
 workers drives each queued event through the pipeline. Every reply has a JSON body. The
 request is the root span of the event's trace (a ``traceparent`` header is continued).
 A full queue answers 503 with ``Retry-After`` rather than dropping the event; a body over
@@ -26,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from engine import __version__
-from engine.event import EventError, FalcoEvent, decode_event
+from engine.contract.event import EventError, FalcoEvent, decode_event
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
 from observability.metrics import CONTENT_TYPE, Metrics

@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from engine import kubeapi
-from engine.errors import PermanentError
-from engine.kubeapi import NotFound, RbacRule
-from engine.results import Outcome
-from notifiers.registry import Notification, notifier
+from engine.contract import kubeapi
+from engine.contract.errors import PermanentError
+from engine.contract.kubeapi import NotFound, RbacRule
+from engine.contract.results import Outcome
+from engine.contract.notifiers import Notification, notifier
 
 COMPONENT = "falco-talon"
 MESSAGE_LIMIT = 1024

@@ -1,7 +1,7 @@
 """What a notification says, whatever carries it: a headline, labelled fields, one line.
 
 Position in the flow: ... -> actionners -> **notifiers** (the last stage). The Slack and
-SMTP notifiers render the same :class:`~notifiers.registry.Notification` into their own
+SMTP notifiers render the same :class:`~engine.contract.notifiers.Notification` into their own
 markup from what this module extracts, so both show the same facts in the same order.
 Values are plain text here; each notifier escapes them for its own markup.
 """
@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.results import Outcome
-from notifiers.registry import Notification
+from engine.contract.results import Outcome
+from engine.contract.notifiers import Notification
 
 Kind = Literal["short", "text", "code"]
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from notifiers import message
-from notifiers.registry import Notification, notifier
+from engine.contract.notifiers import Notification, notifier
 from notifiers.webhook import post_json
 
 SETTINGS: dict[str, Any] = {

@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import aiosmtplib
 
-from engine.errors import PermanentError, TemporaryError
+from engine.contract.errors import PermanentError, TemporaryError
 from notifiers import message
-from notifiers.registry import Notification, notifier
+from engine.contract.notifiers import Notification, notifier
 
 log = logging.getLogger("falco_talon.notifiers.smtp")
 

@@ -22,9 +22,9 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from engine.errors import PermanentError, TemporaryError
-from engine.results import Outcome
-from notifiers.registry import Notification, notifier
+from engine.contract.errors import PermanentError, TemporaryError
+from engine.contract.results import Outcome
+from engine.contract.notifiers import Notification, notifier
 
 REDACTED = "********"
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from actionners.registry import ActionnerRegistry
-from engine.event import FalcoEvent, event_from_dict
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.event import FalcoEvent, event_from_dict
 from engine.rules import RuleSet, RulesLoader
-from notifiers.registry import NotifierRegistry
+from engine.contract.notifiers import NotifierRegistry
 from tests.recording import Recorder, make_registry
 
 FALCO_EVENT: dict[str, Any] = {

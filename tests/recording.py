@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from actionners.registry import ACTIONNERS, ActionContext, ActionnerRegistry, actionner
-from engine.errors import TemporaryError
+from engine.contract.actionners import ACTIONNERS, ActionContext, ActionnerRegistry, actionner
+from engine.contract.errors import TemporaryError
 from engine.plugins import load_plugins
-from engine.results import ActionResult
+from engine.contract.results import ActionResult
 
 
 @dataclass

@@ -14,7 +14,7 @@ from engine.config import (
     notifier_settings,
     redacted,
 )
-from notifiers.registry import NotifierRegistry, notifier
+from engine.contract.notifiers import NotifierRegistry, notifier
 
 
 @pytest.fixture

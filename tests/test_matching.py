@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from engine.event import FalcoEvent
+from engine.contract.event import FalcoEvent
 from engine.matcher import Matcher
 from engine.rules import RuleSet
 

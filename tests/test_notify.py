@@ -15,13 +15,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from actionners.registry import ActionnerRegistry
-from engine.errors import TemporaryError
-from engine.event import FalcoEvent
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.errors import TemporaryError
+from engine.contract.event import FalcoEvent
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
-from notifiers.registry import Notification, NotifierRegistry, notifier
+from engine.contract.notifiers import Notification, NotifierRegistry, notifier
 
 RULES = """
 - name: first

@@ -5,12 +5,12 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
-from actionners.registry import ActionnerRegistry
+from engine.contract.actionners import ActionnerRegistry
 from engine import machine
-from engine.event import FalcoEvent
+from engine.contract.event import FalcoEvent
 from engine.machine import MACHINE, Stage
 from engine.pipeline import Pipeline
-from engine.results import Outcome
+from engine.contract.results import Outcome
 from engine.rules import RuleSet
 from tests.recording import Recorder
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from actionners.registry import ActionnerRegistry
-from engine.event import FalcoEvent
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.event import FalcoEvent
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
 from engine.rules import RulesLoader

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from actionners.registry import ActionnerRegistry
+from engine.contract.actionners import ActionnerRegistry
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, create_app

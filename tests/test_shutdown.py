@@ -15,7 +15,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from actionners.registry import ActionnerRegistry
+from engine.contract.actionners import ActionnerRegistry
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, serve

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from engine import kubeapi
-from engine.kubeapi import KubeApi, RetryPolicy
+from engine.contract import kubeapi
+from engine.contract.kubeapi import KubeApi, RetryPolicy
 from tests.env.kubelet import TestKubelet, kubelet_apiserver_args
 from tests.env.testenv import TestEnv, TestEnvInfo, default_state_dir
 

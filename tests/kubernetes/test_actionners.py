@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.kubeapi import KubeApi
+from engine.contract.kubeapi import KubeApi
 from tests.kubernetes.conftest import Cluster
 from tests.kubernetes.harness import event_for, outcomes, start_talon
 

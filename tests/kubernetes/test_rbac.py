@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from engine import kubeapi
-from engine.kubeapi import ApiPermanentError, KubeApi, RetryPolicy
+from engine.contract import kubeapi
+from engine.contract.kubeapi import ApiPermanentError, KubeApi, RetryPolicy
 from engine.plugins import load_plugins
 from engine.rbac import cluster_role, required_rules
 from tests.env.testenv import TestEnvInfo

@@ -23,9 +23,9 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from engine.event import event_from_dict
-from engine.results import ActionResult, Outcome
-from notifiers.registry import Notification
+from engine.contract.event import event_from_dict
+from engine.contract.results import ActionResult, Outcome
+from engine.contract.notifiers import Notification
 from tests.conftest import FALCO_EVENT
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -16,16 +16,16 @@ from typing import Any
 
 import pytest
 
-from actionners.registry import ActionnerRegistry
+from engine.contract.actionners import ActionnerRegistry
 from engine.config import check_notifiers, load_settings, notifier_settings
-from engine.errors import TalonError
-from engine.event import FalcoEvent
+from engine.contract.errors import TalonError
+from engine.contract.event import FalcoEvent
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, create_app
 from notifiers import slack, smtp, webhook
-from notifiers.registry import NOTIFIERS
+from engine.contract.notifiers import NOTIFIERS
 from tests.conftest import FALCO_EVENT
 from tests.notifiers.conftest import (
     SMTP_PASSWORD,

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from engine.config import load_settings, notifier_settings, redacted
-from engine.errors import ConfigError, PermanentError, TemporaryError
-from engine.results import Outcome
+from engine.contract.errors import ConfigError, PermanentError, TemporaryError
+from engine.contract.results import Outcome
 from notifiers import slack
-from notifiers.registry import NOTIFIERS
+from engine.contract.notifiers import NOTIFIERS
 from tests.notifiers.conftest import TRACE_ID, MakeNote, Receiver, Reply
 
 SECRET_PATH = "/services/T0000/B0000/XXXXsecretXXXX"

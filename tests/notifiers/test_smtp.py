@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from engine.errors import PermanentError, TemporaryError
-from engine.results import Outcome
+from engine.contract.errors import PermanentError, TemporaryError
+from engine.contract.results import Outcome
 from notifiers import smtp
 from tests.notifiers.conftest import (
     SMTP_PASSWORD,

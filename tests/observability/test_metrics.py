@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from actionners.registry import ActionnerRegistry
+from engine.contract.actionners import ActionnerRegistry
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, create_app

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from actionners.registry import ActionnerRegistry
-from engine.errors import PermanentError
+from engine.contract.actionners import ActionnerRegistry
+from engine.contract.errors import PermanentError
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RulesLoader
 from engine.server import Service, create_app
-from notifiers.registry import Notification, NotifierRegistry, notifier
+from engine.contract.notifiers import Notification, NotifierRegistry, notifier
 from observability.logging import JsonFormatter, TraceIds
 from observability.tracing import Tracing, TracingSettings
 from tests.conftest import FALCO_EVENT

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.event import FalcoEvent
-from engine.kubeapi import RbacRule
-from engine.registry import Registry
-from engine.results import ActionResult
+from engine.contract.event import FalcoEvent
+from engine.contract.kubeapi import RbacRule
+from engine.contract.registry import Registry
+from engine.contract.results import ActionResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Kubernetes API access for plug-ins: one shared client, typed errors, retries, off the loop.
 
-Part of the engine's contract with plug-ins (like ``engine.event``): actionners and the
+Part of the engine's contract with plug-ins (like ``engine.contract.event``): actionners and the
 ``k8sevents`` notifier call the API through :class:`KubeApi`, never through a client of
 their own, so that every call
 
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from engine.errors import PermanentError, TemporaryError
+from engine.contract.errors import PermanentError, TemporaryError
 from observability.tracing import SpanRecord, child
 
 log = logging.getLogger("falco_talon.kubeapi")

@@ -19,10 +19,10 @@ from typing import Any
 import fastjsonschema
 import orjson
 
-from engine.priority import Priority, parse_priority
-from engine.results import Target
+from engine.contract.priority import Priority, parse_priority
+from engine.contract.results import Target
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "event.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "event.schema.json"
 
 FieldValue = str | int | float | bool | None | list[Any]
 

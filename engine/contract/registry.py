@@ -1,8 +1,8 @@
 """A registry of plug-in declarations by name: the base of the actionner and notifier
 registries.
 
-Part of the engine's contract with plug-ins (``actionners.registry`` and
-``notifiers.registry`` build on it); it holds declarations, never runs them.
+Part of the engine's contract with plug-ins (``engine.contract.actionners`` and
+``engine.contract.notifiers`` build on it); it holds declarations, never runs them.
 """
 
 from __future__ import annotations
