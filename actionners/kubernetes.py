@@ -16,13 +16,14 @@ an exception.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from engine.contract.actionners import ActionContext, RbacRule, actionner
 from engine.contract import kubeapi
+from engine.contract.actionners import ActionContext, RbacRule, RunFunc, actionner
 from engine.contract.kubeapi import ApiPermanentError, Conflict, KubeApi, NotFound
 from engine.contract.results import ActionResult, Target
 
@@ -86,23 +87,70 @@ def _ready(pod: Any) -> bool:
     return False
 
 
-def _run_safely(func: Any) -> Any:
-    """Turn the 'no target' cases into skipped outcomes; let the engine report the rest."""
+PodStep = Callable[[ActionContext, KubeApi], Awaitable[ActionResult]]
 
+
+def injects_api_skips_missing_pod(step: PodStep) -> RunFunc:
+    """Adapt ``step(ctx, api)`` to an actionner's ``run(ctx)``: hand it the shared Kubernetes
+    client, and turn a :class:`NoTarget` it raises (the event names no pod, or the pod is
+    gone) into a ``skipped`` outcome with the reason. Any other error is the engine's to
+    report."""
+
+    @functools.wraps(step)
     async def run(ctx: ActionContext) -> ActionResult:
         try:
-            result: ActionResult = await func(ctx, kubeapi.current())
+            return await step(ctx, kubeapi.current())
         except NoTarget as gone:
             return ActionResult.skipped(gone.reason, gone.target)
-        return result
 
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
     return run
 
 
 # -- the actionners ----------------------------------------------------------------------------
-async def _terminate(ctx: ActionContext, api: KubeApi) -> ActionResult:
+@actionner(
+    "kubernetes:terminate",
+    description="Terminate the pod the event is about.",
+    continue_=False,
+    before=False,
+    parameters={
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "gracePeriodSeconds": {
+                "type": "integer",
+                "minimum": 0,
+                "default": 0,
+                "description": "Seconds the pod has to stop; 0 deletes it at once.",
+            },
+            "ignoreDaemonsets": {
+                "type": "boolean",
+                "default": False,
+                "description": "Leave pods owned by a DaemonSet alone.",
+            },
+            "ignoreStatefulsets": {
+                "type": "boolean",
+                "default": False,
+                "description": "Leave pods owned by a StatefulSet alone.",
+            },
+            "minHealthyReplicas": {
+                "type": ["integer", "string"],
+                "minimum": 0,
+                "pattern": r"^(100|[1-9]?[0-9])%$",
+                "errorMessage": "must be a whole number of pods (3) or a quoted percentage ('50%')",
+                "description": (
+                    "Skip when fewer than this many ready pods of the owning ReplicaSet would "
+                    "remain: a number, or a quoted percentage of its desired replicas."
+                ),
+            },
+        },
+    },
+    rbac=(
+        RbacRule(("",), ("pods",), ("get", "list", "delete")),
+        RbacRule(("apps",), ("replicasets",), ("get",)),
+    ),
+)
+@injects_api_skips_missing_pod
+async def terminate(ctx: ActionContext, api: KubeApi) -> ActionResult:
     """Delete the pod, unless its owner or the replica budget says to leave it."""
     params = ctx.parameters
     try:
@@ -179,7 +227,40 @@ async def _replica_budget(api: KubeApi, pod: Any, ref: Any, minimum: int | str) 
     return None
 
 
-async def _labelize(ctx: ActionContext, api: KubeApi) -> ActionResult:
+@actionner(
+    "kubernetes:labelize",
+    description="Add, change or remove labels of the pod the event is about.",
+    continue_=True,
+    before=False,
+    parameters={
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["labels"],
+        "properties": {
+            "labels": {
+                "type": "object",
+                "minProperties": 1,
+                "description": "Labels to set; an empty value removes the label.",
+                "propertyNames": {
+                    "pattern": LABEL_KEY_PATTERN,
+                    "maxLength": 317,
+                    "errorMessage": "is not a valid Kubernetes label key ([prefix/]name)",
+                },
+                "additionalProperties": {
+                    "type": "string",
+                    "pattern": LABEL_VALUE_PATTERN,
+                    "errorMessage": (
+                        "must be a Kubernetes label value (quoted, at most 63 characters "
+                        "of letters, digits, '-', '_', '.'), or empty to remove the label"
+                    ),
+                },
+            },
+        },
+    },
+    rbac=(RbacRule(("",), ("pods",), ("get", "patch")),),
+)
+@injects_api_skips_missing_pod
+async def labelize(ctx: ActionContext, api: KubeApi) -> ActionResult:
     """Set labels; an empty value removes the label (absent already: fine)."""
     labels: Mapping[str, str] = ctx.parameters["labels"]
     _, target = await _pod(api, ctx)
@@ -213,7 +294,19 @@ _OWNER_READERS = {
 }
 
 
-async def _networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
+@actionner(
+    "kubernetes:networkpolicy",
+    description="Deny all egress of the pod's workload with a NetworkPolicy.",
+    continue_=True,
+    before=True,
+    rbac=(
+        _PODS_READ,
+        RbacRule(("apps",), ("replicasets", "daemonsets", "statefulsets"), ("get",)),
+        RbacRule(("networking.k8s.io",), ("networkpolicies",), ("get", "create", "update")),
+    ),
+)
+@injects_api_skips_missing_pod
+async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
     """Deny all egress of the pod's workload (its owner's pods, or the pod alone)."""
     pod, target = await _pod(api, ctx)
     ns = target.namespace
@@ -272,7 +365,39 @@ async def _networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
     )
 
 
-async def _exec(ctx: ActionContext, api: KubeApi) -> ActionResult:
+@actionner(
+    "kubernetes:exec",
+    description="Run a command in the pod's containers (forensics).",
+    continue_=True,
+    before=True,
+    parameters={
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["command"],
+        "properties": {
+            "shell": {
+                "type": "string",
+                "minLength": 1,
+                "default": "/bin/sh",
+                "description": "Shell that runs the command with -c.",
+            },
+            "command": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The command to run.",
+            },
+            "timeout": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "default": 20,
+                "description": "Seconds the command may run in each container.",
+            },
+        },
+    },
+    rbac=(_PODS_READ, RbacRule(("",), ("pods/exec",), ("create", "get"))),
+)
+@injects_api_skips_missing_pod
+async def exec_command(ctx: ActionContext, api: KubeApi) -> ActionResult:
     """Run ``shell -c command`` in each container; any non-zero exit is a failure."""
     from kubernetes.stream import stream
 
@@ -343,124 +468,3 @@ def _cut(text: str) -> str:
     return (
         data[:OUTPUT_LIMIT].decode(errors="ignore") + f"... [{len(data) - OUTPUT_LIMIT} bytes cut]"
     )
-
-
-actionner(
-    "kubernetes:terminate",
-    description="Terminate the pod the event is about.",
-    continue_=False,
-    before=False,
-    parameters={
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "gracePeriodSeconds": {
-                "type": "integer",
-                "minimum": 0,
-                "default": 0,
-                "description": "Seconds the pod has to stop; 0 deletes it at once.",
-            },
-            "ignoreDaemonsets": {
-                "type": "boolean",
-                "default": False,
-                "description": "Leave pods owned by a DaemonSet alone.",
-            },
-            "ignoreStatefulsets": {
-                "type": "boolean",
-                "default": False,
-                "description": "Leave pods owned by a StatefulSet alone.",
-            },
-            "minHealthyReplicas": {
-                "type": ["integer", "string"],
-                "minimum": 0,
-                "pattern": r"^(100|[1-9]?[0-9])%$",
-                "errorMessage": "must be a whole number of pods (3) or a quoted percentage ('50%')",
-                "description": (
-                    "Skip when fewer than this many ready pods of the owning ReplicaSet would "
-                    "remain: a number, or a quoted percentage of its desired replicas."
-                ),
-            },
-        },
-    },
-    rbac=(
-        RbacRule(("",), ("pods",), ("get", "list", "delete")),
-        RbacRule(("apps",), ("replicasets",), ("get",)),
-    ),
-)(_run_safely(_terminate))
-
-actionner(
-    "kubernetes:labelize",
-    description="Add, change or remove labels of the pod the event is about.",
-    continue_=True,
-    before=False,
-    parameters={
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["labels"],
-        "properties": {
-            "labels": {
-                "type": "object",
-                "minProperties": 1,
-                "description": "Labels to set; an empty value removes the label.",
-                "propertyNames": {
-                    "pattern": LABEL_KEY_PATTERN,
-                    "maxLength": 317,
-                    "errorMessage": "is not a valid Kubernetes label key ([prefix/]name)",
-                },
-                "additionalProperties": {
-                    "type": "string",
-                    "pattern": LABEL_VALUE_PATTERN,
-                    "errorMessage": (
-                        "must be a Kubernetes label value (quoted, at most 63 characters "
-                        "of letters, digits, '-', '_', '.'), or empty to remove the label"
-                    ),
-                },
-            },
-        },
-    },
-    rbac=(RbacRule(("",), ("pods",), ("get", "patch")),),
-)(_run_safely(_labelize))
-
-actionner(
-    "kubernetes:networkpolicy",
-    description="Deny all egress of the pod's workload with a NetworkPolicy.",
-    continue_=True,
-    before=True,
-    rbac=(
-        _PODS_READ,
-        RbacRule(("apps",), ("replicasets", "daemonsets", "statefulsets"), ("get",)),
-        RbacRule(("networking.k8s.io",), ("networkpolicies",), ("get", "create", "update")),
-    ),
-)(_run_safely(_networkpolicy))
-
-actionner(
-    "kubernetes:exec",
-    description="Run a command in the pod's containers (forensics).",
-    continue_=True,
-    before=True,
-    parameters={
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["command"],
-        "properties": {
-            "shell": {
-                "type": "string",
-                "minLength": 1,
-                "default": "/bin/sh",
-                "description": "Shell that runs the command with -c.",
-            },
-            "command": {
-                "type": "string",
-                "minLength": 1,
-                "description": "The command to run.",
-            },
-            "timeout": {
-                "type": "number",
-                "exclusiveMinimum": 0,
-                "default": 20,
-                "description": "Seconds the command may run in each container.",
-            },
-        },
-    },
-    rbac=(_PODS_READ, RbacRule(("",), ("pods/exec",), ("create", "get"))),
-)(_run_safely(_exec))

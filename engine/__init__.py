@@ -6,8 +6,9 @@ Data flows one way through the package:
     -> per-event state machine (engine.machine, driven by engine.pipeline)
     -> actionners (actionners.*) -> notifiers (notifiers.*, via engine.notify)
 
-Plug-ins (``actionners``, ``notifiers``) may import only the engine's contract modules:
-``engine.contract.event``, ``engine.contract.results``, ``engine.contract.errors`` and ``engine.contract.priority``.
+Plug-ins (``actionners``, ``notifiers``) may import only the engine's contract, the
+``engine.contract`` package: the event model, results, errors, the Kubernetes client, the
+registries with their ``@actionner``/``@notifier`` decorators and the retry policy.
 """
 
 __version__ = "0.1.0"

@@ -125,6 +125,7 @@ def server(
 
 async def _serve(settings: Settings) -> None:
     from engine.contract import kubeapi
+    from engine.contract.retry import RetryPolicy
     from engine.notify import DeliveryPolicy, Dispatcher
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher
@@ -152,7 +153,7 @@ async def _serve(settings: Settings) -> None:
     dispatcher = Dispatcher(
         notifiers,
         notifier_settings(settings, notifiers),
-        DeliveryPolicy(timeout=n.timeout, attempts=n.attempts),
+        DeliveryPolicy(timeout=n.timeout, retry=RetryPolicy(attempts=n.attempts, backoff=1.0)),
         tracing=tracing,
         metrics=metrics,
     )
@@ -178,7 +179,10 @@ async def _serve(settings: Settings) -> None:
         shutdown_timeout=s.shutdown_timeout,
         watcher=watcher,
     )
-    await serve(service, s.listen_address, s.listen_port)
+    try:
+        await serve(service, s.listen_address, s.listen_port)
+    finally:
+        kubeapi.close()
 
 
 # -- check ---------------------------------------------------------------------------------------

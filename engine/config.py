@@ -22,8 +22,8 @@ from typing import Any
 import jsonschema
 
 from engine.contract.errors import ConfigError
-from engine.sourcemap import Document, json_path, load_yaml
 from engine.contract.notifiers import NotifierRegistry
+from engine.sourcemap import Document, json_path, load_yaml
 from observability.tracing import TracingSettings
 
 DEFAULT_CONFIG = "/etc/falco-talon/config.yaml"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.event import FalcoEvent
+from engine.contract.results import Outcome
 from engine.machine import EventRun
 from engine.pipeline import Pipeline
-from engine.contract.results import Outcome
 from engine.rules import RuleSet
 
 

@@ -33,8 +33,8 @@ from typing import Any
 from transitions import Machine
 
 from engine.contract.event import FalcoEvent
-from engine.matcher import Matcher
 from engine.contract.results import ActionResult, Outcome
+from engine.matcher import Matcher
 from engine.rules import Rule
 
 
@@ -207,11 +207,16 @@ TRANSITIONS: list[dict[str, Any]] = [
     },
 ]
 
-ON_ENTER: dict[Stage, list[str]] = {
-    Stage.BEFORE_ACTIONS: ["plan_before_actions"],
-    Stage.ACTIONS: ["plan_actions"],
-    Stage.NOTIFIED: ["plan_notifications"],
-}
+STATES: list[dict[str, Any]] = [
+    {"name": Stage.RECEIVED.value, "on_enter": ["record_state"]},
+    {"name": Stage.MATCHED.value, "on_enter": ["record_state"]},
+    {"name": Stage.UNMATCHED.value, "on_enter": ["record_state"]},
+    {"name": Stage.BEFORE_ACTIONS.value, "on_enter": ["record_state", "plan_before_actions"]},
+    {"name": Stage.ACTIONS.value, "on_enter": ["record_state", "plan_actions"]},
+    {"name": Stage.NOTIFIED.value, "on_enter": ["record_state", "plan_notifications"]},
+    {"name": Stage.FAILED.value, "on_enter": ["record_state"]},
+]
+"""Every state with the callbacks run on entering it, in order (``record_state`` first)."""
 
 LABELS: dict[str, str] = {
     "has_matches": "a rule matched",
@@ -224,20 +229,14 @@ LABELS: dict[str, str] = {
 
 
 def _build_machine() -> Machine:
-    machine = Machine(
+    return Machine(
         model=None,
-        states=[s.value for s in Stage],
+        states=STATES,
         initial=Stage.RECEIVED.value,
         transitions=TRANSITIONS,
         auto_transitions=False,
         ignore_invalid_triggers=False,
     )
-    for stage in Stage:
-        state = machine.get_state(stage.value)
-        state.add_callback("enter", "record_state")
-        for cb in ON_ENTER.get(stage, []):
-            state.add_callback("enter", cb)
-    return machine
 
 
 MACHINE = _build_machine()

@@ -20,11 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.contract.errors import PermanentError, TemporaryError
-from engine.machine import EventRun
+from engine.contract.errors import TemporaryError
 from engine.contract.notifiers import Notification, NotifierRegistry
+from engine.contract.retry import Retried, RetryPolicy, retry
+from engine.machine import EventRun
+from observability.eventlog import EventLogger, event_logger
 from observability.metrics import Metrics
-from observability.tracing import ACTIVE, NO_SPAN, NO_TRACE, SpanRecord, Trace, Tracing
+from observability.tracing import NO_SPAN, NO_TRACE, SpanRecord, Trace, Tracing, activate
 
 log = logging.getLogger("falco_talon.notify")
 
@@ -37,13 +39,25 @@ class DeliveryPolicy:
 
     timeout: float = 10.0
     """Seconds one send may take before it counts as a temporary failure."""
-    attempts: int = 4
-    """Sends per notification, the first included."""
-    backoff: float = 1.0
-    """Delay before the first retry; doubled after each (capped by ``max_backoff``)."""
-    max_backoff: float = 30.0
+    retry: RetryPolicy = RetryPolicy(attempts=4, backoff=1.0, max_backoff=30.0)
+    """Sends per notification and the backoff between them; a notifier's ``Retry-After``
+    (``TemporaryError.delay``) replaces the backoff, capped by ``retry.max_backoff``."""
     queue_size: int = 10_000
     """Notifications waiting per notifier before new ones are refused (and logged)."""
+
+
+def _temporary(exc: BaseException) -> float | bool:
+    """A notifier's temporary failures (and network errors) are retried, at the delay it
+    asked for when it did; everything else is permanent."""
+    if isinstance(exc, TemporaryError):
+        return exc.delay if exc.delay else True
+    return isinstance(exc, OSError)
+
+
+def _note_logger(note: Notification, notifier: str) -> EventLogger:
+    return event_logger(log, note.event.id, note.trace_id).bind(
+        notifier=notifier, rule=note.rule, action=note.action
+    )
 
 
 class Dispatcher:
@@ -88,16 +102,10 @@ class Dispatcher:
                 queue.put_nowait((note, trace, parent))
             except asyncio.QueueFull:
                 self._count(d.notifier, "refused")
-                log.error(
+                event_logger(log, run.event.id, run.trace_id).error(
                     "notification refused: %s queue is full",
                     d.notifier,
-                    extra={
-                        "fields": {
-                            "event_id": run.event.id,
-                            "notifier": d.notifier,
-                            "rule": note.rule,
-                        }
-                    },
+                    fields={"notifier": d.notifier, "rule": note.rule},
                 )
 
     def _count(self, name: str, outcome: str) -> None:
@@ -125,17 +133,14 @@ class Dispatcher:
                 talon__action=note.action,
                 talon__outcome=note.result.outcome.value,
             )
-            token = ACTIVE.set((trace, span))
             try:
-                await self.deliver(name, note, span)
+                with activate(trace, span):
+                    await self.deliver(name, note, span)
             except Exception as exc:  # a bug in a notifier must not kill its worker
                 span.fail(f"{type(exc).__name__}: {exc}", exc)
-                log.exception(
-                    "notifier %s crashed", name, extra={"fields": {"event_id": note.event.id}}
-                )
+                _note_logger(note, name).exception("notifier %s crashed", name)
                 self._count(name, "failed")
             finally:
-                ACTIVE.reset(token)
                 span.end()
                 queue.task_done()
                 if self.tracing is not None:
@@ -145,59 +150,48 @@ class Dispatcher:
         """Send one notification with retries; True when delivered."""
         spec = self.notifiers[name]
         settings = self.settings.get(name, {})
-        fields = {
-            "event_id": note.event.id,
-            "notifier": name,
-            "rule": note.rule,
-            "action": note.action,
-        }
-        delay = self.policy.backoff
-        for attempt in range(1, self.policy.attempts + 1):
-            try:
-                await asyncio.wait_for(spec.send(note, settings), self.policy.timeout)
-            except PermanentError as exc:
-                return self._failed(name, f"{exc}", fields, attempt, span)
-            except (TemporaryError, TimeoutError, OSError) as exc:
-                reason = str(exc) or type(exc).__name__
-                if isinstance(exc, TimeoutError):
-                    reason = f"timed out after {self.policy.timeout:g}s"
-                if attempt == self.policy.attempts:
-                    return self._failed(name, reason, fields, attempt, span)
-                wait = exc.delay if isinstance(exc, TemporaryError) and exc.delay else delay
-                self._count(name, "retried")
-                span.event(
-                    "retry", talon__attempt=attempt, talon__reason=reason, talon__delay_s=wait
-                )
-                log.warning(
-                    "notifier %s failed (%s), retrying in %.1fs",
-                    name,
-                    reason,
-                    wait,
-                    extra={"fields": {**fields, "attempt": attempt}},
-                )
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, self.policy.max_backoff)
-            else:
-                self._count(name, "delivered")
-                span.set(talon__attempts=attempt)
-                log.debug("notified %s", name, extra={"fields": fields})
-                return True
-        return False
+        nlog = _note_logger(note, name)
+        timeout = self.policy.timeout
+        attempts = 0
 
-    def _failed(
-        self, name: str, reason: str, fields: dict[str, Any], attempts: int, span: SpanRecord
-    ) -> bool:
-        self._count(name, "failed")
+        async def send() -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                await asyncio.wait_for(spec.send(note, settings), timeout)
+            except TimeoutError:
+                raise TemporaryError(f"timed out after {timeout:g}s") from None
+
+        def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
+            reason = str(exc) or type(exc).__name__
+            self._count(name, "retried")
+            span.event("retry", talon__attempt=attempt, talon__reason=reason, talon__delay_s=wait)
+            nlog.warning(
+                "notifier %s failed (%s), retrying in %.1fs",
+                name,
+                reason,
+                wait,
+                fields={"attempt": attempt},
+            )
+
+        try:
+            await retry(self.policy.retry, send, _temporary, on_retry)
+        except Retried as failed:
+            reason = str(failed) or type(failed.error).__name__
+            self._count(name, "failed")
+            span.set(talon__attempts=failed.attempts)
+            span.fail(f"failed after {failed.attempts} attempt(s): {reason}")
+            nlog.error(
+                "notification to %s failed for good after %d attempt(s): %s",
+                name,
+                failed.attempts,
+                reason,
+            )
+            return False
+        self._count(name, "delivered")
         span.set(talon__attempts=attempts)
-        span.fail(f"failed after {attempts} attempt(s): {reason}")
-        log.error(
-            "notification to %s failed for good after %d attempt(s): %s",
-            name,
-            attempts,
-            reason,
-            extra={"fields": fields},
-        )
-        return False
+        nlog.debug("notified %s", name)
+        return True
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until every queued notification has been handled."""
@@ -210,8 +204,15 @@ class Dispatcher:
                 log.error("shutdown: %d notification(s) still queued after %.0fs", left, timeout)
 
     async def close(self) -> None:
+        """Stop the workers, then let each notifier release what it keeps (``close``)."""
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
         self._queues.clear()
+        for spec in self.notifiers:
+            if spec.close is not None:
+                try:
+                    await spec.close()
+                except Exception:
+                    log.exception("notifier %s failed to close", spec.name)

@@ -15,22 +15,23 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.contract.actionners import ActionContext, ActionnerRegistry
 from engine import machine
-from engine.contract.errors import TalonError
+from engine.contract.actionners import ActionContext, ActionnerRegistry
+from engine.contract.errors import TalonError, TemporaryError
 from engine.contract.event import FalcoEvent
+from engine.contract.results import ActionResult, Outcome
+from engine.contract.retry import Retried, retry
 from engine.machine import EventRun, Step
 from engine.matcher import Matcher
 from engine.notify import Dispatcher
-from engine.contract.results import ActionResult, Outcome
 from engine.rules import RuleSet
+from observability.eventlog import EventLogger, event_logger
 from observability.metrics import Metrics
-from observability.tracing import ACTIVE as _LOG_CONTEXT
-from observability.tracing import NO_SPAN, SpanRecord, Trace, Tracing
+from observability.tracing import NO_SPAN, SpanRecord, Trace, Tracing, activate
 
 log = logging.getLogger("falco_talon.pipeline")
 
@@ -47,6 +48,10 @@ def _event_attributes(event: FalcoEvent) -> dict[str, Any]:
         "k8s__pod__name": target.pod,
         "k8s__namespace__name": target.namespace,
     }
+
+
+Observer = Callable[[EventRun, SpanRecord, EventLogger], None]
+"""Shows what a state decided: on its span, in the log, in the metrics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +89,13 @@ class Pipeline:
         self.action_timeout = action_timeout
         self.tracing = tracing
         self.metrics = metrics
-        self.stats: Counter[str] = Counter()
-        """Final states and outcomes, for health and metrics."""
+        self._observers: dict[str, Observer] = {
+            machine.Stage.MATCHED.value: self._on_matched,
+            machine.Stage.UNMATCHED.value: self._on_unmatched,
+            machine.Stage.ACTIONS.value: self._on_actions,
+            machine.Stage.NOTIFIED.value: self._on_notified,
+        }
+        """What each state's outcome shows in spans, logs and metrics, by state."""
 
     def set_rules(self, rules: RuleSet) -> None:
         """Swap the rules; runs already started keep the ones they started with."""
@@ -105,6 +115,7 @@ class Pipeline:
         compiled = self.compiled
         run = machine.start(EventRun(event, compiled.matcher, self.default_notifiers))
         run.trace_id = trace.trace_id_hex
+        elog = event_logger(log, event.id, run.trace_id)
         started = time.perf_counter()
         sampled = trace.sampled  # unsampled: no span attributes are even built
         span = (
@@ -112,12 +123,10 @@ class Pipeline:
             if sampled
             else NO_SPAN
         )
-        token = _LOG_CONTEXT.set((trace, span))
         if event.level is None:
-            log.warning(
+            elog.warning(
                 "event priority %r is not a Falco priority: no priority criterion holds",
                 event.priority,
-                extra={"fields": {"event_id": event.id}},
             )
         try:
             while not run.finished:
@@ -125,10 +134,12 @@ class Pipeline:
                 span.end()
                 if sampled:
                     span = trace.start(run.state, parent, talon__event_id=event.id)
-                    _LOG_CONTEXT.set((trace, span))
-                for step in run.pending:
-                    await self._execute(run, step, trace, span)
-                self._record_state(run, span)
+                with activate(trace, span):
+                    for step in run.pending:
+                        await self._execute(run, step, trace, span, elog)
+                    observe = self._observers.get(run.state)
+                    if observe is not None:
+                        observe(run, span, elog)
         except asyncio.CancelledError:
             machine.fail(run, "cancelled")
             raise
@@ -138,15 +149,9 @@ class Pipeline:
             machine.fail(run, f"{type(exc).__name__}: {exc}")
             span = trace.start(run.state, parent, talon__error=run.error)
             span.fail(run.error)
-            log.exception(
-                "event run failed in state %s",
-                run.history[-2][0].value,
-                extra={"fields": {"event_id": event.id}},
-            )
+            elog.exception("event run failed in state %s", run.history[-2][0].value)
         finally:
             span.end()
-            _LOG_CONTEXT.reset(token)
-        self.stats[run.state] += 1
         if self.metrics is not None:
             self.metrics.processed(run.state, time.perf_counter() - started)
         if self.dispatcher is not None and run.deliveries:
@@ -155,55 +160,55 @@ class Pipeline:
             self.tracing.submit(trace)
         return run
 
-    def _record_state(self, run: EventRun, span: SpanRecord) -> None:
-        """What the state decided, on its span, in the log and in the metrics."""
-        state = run.state
-        if state == machine.Stage.MATCHED:
-            if span is not NO_SPAN:
-                span.set(talon__matched_rules=[r.name for r in run.matched])
-            if self.metrics is not None:
-                for rule in run.matched:
-                    self.metrics.matched(rule.name)
-        elif state == machine.Stage.ACTIONS:
-            for step in run.steps:
-                if step.stage is machine.Stage.ACTIONS and not step.ran:
-                    span.event(
-                        "step skipped",
-                        talon__rule=step.rule.name,
-                        talon__action=step.rule.action,
-                        talon__reason=step.reason,
+    # -- what each state shows (the observers) -------------------------------------------------
+
+    def _on_matched(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
+        if span is not NO_SPAN:
+            span.set(talon__matched_rules=[r.name for r in run.matched])
+        if self.metrics is not None:
+            for rule in run.matched:
+                self.metrics.matched(rule.name)
+
+    def _on_unmatched(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
+        span.event("no rule matched", falco__rule=run.event.rule)
+        elog.debug("no rule matched", fields={"falco_rule": run.event.rule})
+
+    def _on_actions(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
+        """The steps the machine skipped without running them (superseded ones)."""
+        for step in run.steps:
+            if step.stage is machine.Stage.ACTIONS and not step.ran:
+                rule = step.rule
+                span.event(
+                    "step skipped",
+                    talon__rule=rule.name,
+                    talon__action=rule.action,
+                    talon__reason=step.reason,
+                )
+                self._count_action(rule.action, Outcome.SKIPPED)
+                if elog.isEnabledFor(logging.INFO):
+                    elog.info(
+                        "%s skipped: %s (%s)",
+                        rule.action,
+                        rule.name,
+                        step.reason,
+                        fields={
+                            "rule": rule.name,
+                            "action": rule.action,
+                            "stage": step.stage.value,
+                            "outcome": "skipped",
+                        },
                     )
-                    self._count_action(step.rule.action, Outcome.SKIPPED)
-                    if log.isEnabledFor(logging.INFO):
-                        log.info(
-                            "%s skipped: %s (%s)",
-                            step.rule.action,
-                            step.rule.name,
-                            step.reason,
-                            extra={
-                                "fields": {
-                                    "event_id": run.event.id,
-                                    "rule": step.rule.name,
-                                    "action": step.rule.action,
-                                    "stage": step.stage.value,
-                                    "outcome": "skipped",
-                                }
-                            },
-                        )
-        elif state == machine.Stage.UNMATCHED:
-            span.event("no rule matched", falco__rule=run.event.rule)
-            log.debug(
-                "no rule matched",
-                extra={"fields": {"event_id": run.event.id, "falco_rule": run.event.rule}},
-            )
-        elif state == machine.Stage.NOTIFIED:
-            span.set(talon__notifications=len(run.deliveries))
+
+    def _on_notified(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
+        span.set(talon__notifications=len(run.deliveries))
 
     def _count_action(self, actionner: str, outcome: Outcome, seconds: float | None = None) -> None:
         if self.metrics is not None:
             self.metrics.action(actionner, outcome.value, seconds)
 
-    async def _execute(self, run: EventRun, step: Step, trace: Trace, state: SpanRecord) -> None:
+    async def _execute(
+        self, run: EventRun, step: Step, trace: Trace, state: SpanRecord, elog: EventLogger
+    ) -> None:
         rule = step.rule
         target = run.event.target
         span = (
@@ -220,15 +225,13 @@ class Pipeline:
                 k8s__namespace__name=target.namespace,
             )
         )
+        slog = elog.bind(rule=rule.name, action=rule.action)
         started = time.perf_counter()
         if self.dry_run:
             result = ActionResult(Outcome.PLANNED, "dry run: nothing was touched", target=target)
         else:
-            token = _LOG_CONTEXT.set((trace, span))
-            try:
-                result = await self._call(run, step, span)
-            finally:
-                _LOG_CONTEXT.reset(token)
+            with activate(trace, span):
+                result = await self._call(run, step, span, slog)
         step.duration = time.perf_counter() - started
         step.result = result
         step.outcome = result.outcome
@@ -238,31 +241,29 @@ class Pipeline:
         if result.outcome is Outcome.FAILED:
             span.fail(result.reason)
         span.end()
-        self.stats[f"action.{result.outcome.value}"] += 1
         self._count_action(rule.action, result.outcome, step.duration)
         level = logging.WARNING if result.outcome is Outcome.FAILED else logging.INFO
-        if not log.isEnabledFor(level):
+        if not slog.isEnabledFor(level):
             return
-        log.log(
+        slog.log(
             level,
             "%s %s: %s%s",
             rule.action,
             result.outcome.value,
             rule.name,
             f" ({result.reason})" if result.reason else "",
-            extra={
-                "fields": {
-                    "event_id": run.event.id,
-                    "rule": rule.name,
-                    "action": rule.action,
-                    "stage": step.stage.value,
-                    "outcome": result.outcome.value,
-                    "duration_ms": round(step.duration * 1000, 3),
-                }
+            fields={
+                "stage": step.stage.value,
+                "outcome": result.outcome.value,
+                "duration_ms": round(step.duration * 1000, 3),
             },
         )
 
-    async def _call(self, run: EventRun, step: Step, span: SpanRecord) -> ActionResult:
+    async def _call(
+        self, run: EventRun, step: Step, span: SpanRecord, slog: EventLogger
+    ) -> ActionResult:
+        """Run the step's actionner under its handler policy: one timeout for the whole
+        step, a ``TemporaryError`` retried with backoff up to the policy's attempts."""
         rule = step.rule
         target = run.event.target
         spec = self.actionners.get(rule.action)
@@ -271,17 +272,33 @@ class Pipeline:
         ctx = ActionContext(
             event=run.event, rule=rule.name, parameters=rule.parameters, target=target
         )
+        policy = spec.policy
+        timeout = self.action_timeout if policy.timeout is None else policy.timeout
+
+        def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
+            span.event("retry", talon__attempt=attempt, talon__reason=str(exc), talon__delay_s=wait)
+            slog.warning("%s failed (%s), retry %d in %.2fs", rule.action, exc, attempt, wait)
+
         try:
-            return await asyncio.wait_for(spec.run(ctx), self.action_timeout)
-        except TimeoutError:
-            return ActionResult.failed(f"timed out after {self.action_timeout:g}s", target)
-        except TalonError as exc:
-            return ActionResult.failed(str(exc) or type(exc).__name__, target)
-        except Exception as exc:
-            span.fail(f"{type(exc).__name__}: {exc}", exc)
-            log.exception(
-                "actionner %s raised",
-                rule.action,
-                extra={"fields": {"event_id": run.event.id, "rule": rule.name}},
+            return await asyncio.wait_for(
+                retry(policy.retry, lambda: spec.run(ctx), _temporary, on_retry), timeout
             )
+        except TimeoutError:
+            return ActionResult.failed(f"timed out after {timeout:g}s", target)
+        except Retried as failed:
+            exc = failed.error
+            if isinstance(exc, TalonError):
+                reason = str(exc) or type(exc).__name__
+                if failed.temporary and failed.attempts > 1:
+                    reason = f"{reason} (after {failed.attempts} attempts)"
+                return ActionResult.failed(reason, target)
+            span.fail(f"{type(exc).__name__}: {exc}", exc)
+            slog.error("actionner %s raised", rule.action, exc_info=exc)
             return ActionResult.failed(f"{type(exc).__name__}: {exc}", target)
+
+
+def _temporary(exc: BaseException) -> float | bool:
+    """What the pipeline retries: an actionner's ``TemporaryError``, at the delay it asks."""
+    if isinstance(exc, TemporaryError):
+        return exc.delay if exc.delay else True
+    return False

@@ -22,9 +22,9 @@ from typing import Any
 import jsonschema
 
 from engine.contract.actionners import ActionnerRegistry
+from engine.contract.notifiers import NotifierRegistry
 from engine.contract.priority import Priority, parse_priority, priority_names
 from engine.sourcemap import Document, PathKey, Position, SourceError, json_path, load_yaml
-from engine.contract.notifiers import NotifierRegistry
 
 SCHEMA_ID = "https://falco-talon.dev/schemas/rules.schema.json"
 
@@ -104,8 +104,6 @@ class Rule:
     """One talon rule, with ``continue``/``before`` already resolved against its actionner."""
 
     name: str
-    order: int
-    """Position across all rules files (files in the order given, rules in file order)."""
     match: Match
     action: str
     parameters: Mapping[str, Any]
@@ -370,7 +368,7 @@ class RulesLoader:
                     )
                     continue
                 seen[name] = pos
-                rules.append(self._build(item, len(rules), doc.position((i,))))
+                rules.append(self._build(item, doc.position((i,))))
         if errors:
             raise RulesInvalid(errors)
         return RuleSet(tuple(rules), tuple(f for f, _ in sources), digest.hexdigest())
@@ -402,13 +400,12 @@ class RulesLoader:
                     )
         return sorted(out, key=lambda e: (e.position.line, e.position.column))
 
-    def _build(self, item: Mapping[str, Any], order: int, position: Position) -> Rule:
+    def _build(self, item: Mapping[str, Any], position: Position) -> Rule:
         action = item["action"]
         spec = self.actionners[action["name"]]
         params = {**spec.defaults(), **(action.get("parameters") or {})}
         return Rule(
             name=item["name"],
-            order=order,
             match=_parse_match(item.get("match")),
             action=spec.name,
             parameters=params,

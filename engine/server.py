@@ -18,7 +18,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from engine import __version__
 from engine.contract.event import EventError, FalcoEvent, decode_event
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
+from observability.eventlog import event_logger
 from observability.metrics import CONTENT_TYPE, Metrics
 from observability.tracing import NO_TRACE, SpanKind, SpanRecord, Trace, Tracing
 
@@ -70,8 +70,6 @@ class Service:
         self.accepting = False
         self.in_flight = 0
         self.started = time.time()
-        self.stats: Counter[str] = Counter()
-        """accepted, rejected.<reason>, refused.queue_full, refused.shutting_down"""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -90,7 +88,7 @@ class Service:
             try:
                 await self.pipeline.process(event, trace, root)
             except Exception:  # pipeline.process already contains its errors; belt and braces
-                log.exception("worker error", extra={"fields": {"event_id": event.id}})
+                event_logger(log, event.id, trace.trace_id_hex).exception("worker error")
             finally:
                 self.in_flight -= 1
                 self.queue.task_done()
@@ -176,7 +174,7 @@ async def post_event(request: web.Request) -> web.Response:
         "POST /", kind=SpanKind.SERVER, http__request__method="POST", url__path="/", http__route="/"
     )
     try:
-        response, event = await _accept(request, service, root)
+        response, event = await _accept(request, service, trace, root)
     finally:
         root.end()
     root.set(http__response__status_code=response.status)
@@ -191,29 +189,26 @@ async def post_event(request: web.Request) -> web.Response:
     service.tracing.submit(trace)
     if event is not None and response.status == 202 and not service.submit(event, trace, root):
         # Raced with a full queue between the check and the put: refuse, never drop.
-        return _refuse_full(service, event)
+        return _refuse_full(service, event, trace)
     return response
 
 
-def _refuse_full(service: Service, event: FalcoEvent) -> web.Response:
-    service.stats["refused.queue_full"] += 1
+def _refuse_full(service: Service, event: FalcoEvent, trace: Trace) -> web.Response:
     service.metrics.rejected("queue_full")
-    log.warning("event refused: queue full", extra={"fields": {"event_id": event.id}})
+    event_logger(log, event.id, trace.trace_id_hex).warning("event refused: queue full")
     return _json(503, {"error": "queue full, retry later", "id": event.id}, {"Retry-After": "1"})
 
 
 async def _accept(
-    request: web.Request, service: Service, root: SpanRecord
+    request: web.Request, service: Service, trace: Trace, root: SpanRecord
 ) -> tuple[web.Response, FalcoEvent | None]:
     """Validate the request; a 202 means the event may be queued."""
     metrics = service.metrics
     if not service.accepting:
-        service.stats["refused.shutting_down"] += 1
         metrics.rejected("shutting_down")
         return _json(503, {"error": "shutting down"}, {"Retry-After": "5"}), None
     limit = service.max_body_size
     if request.content_length is not None and request.content_length > limit:
-        service.stats["rejected.too_large"] += 1
         metrics.rejected("too_large")
         return _json(
             413,
@@ -225,19 +220,16 @@ async def _accept(
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        service.stats["rejected.too_large"] += 1
         metrics.rejected("too_large")
         return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"}), None
     try:
         event = decode_event(body)
     except EventError as exc:
-        service.stats["rejected.invalid"] += 1
         metrics.rejected("invalid")
         root.set(talon__error=exc.message)
         return _json(400, exc.as_json()), None
     if service.queue.full():
-        return _refuse_full(service, event), None
-    service.stats["accepted"] += 1
+        return _refuse_full(service, event, trace), None
     service.metrics.received(event.source, event.priority)
     return _json(202, {"status": "accepted", "id": event.id}), event
 

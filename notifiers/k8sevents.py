@@ -19,8 +19,8 @@ from typing import Any
 from engine.contract import kubeapi
 from engine.contract.errors import PermanentError
 from engine.contract.kubeapi import NotFound, RbacRule
-from engine.contract.results import Outcome
 from engine.contract.notifiers import Notification, notifier
+from engine.contract.results import Outcome
 
 COMPONENT = "falco-talon"
 MESSAGE_LIMIT = 1024

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.contract.results import Outcome
 from engine.contract.notifiers import Notification
+from engine.contract.results import Outcome
 
 Kind = Literal["short", "text", "code"]
 

@@ -8,8 +8,9 @@ attachment, there only for the colour bar of the outcome, holds Block Kit blocks
 ``format: long`` a grid of fields, the event output and the reason or output in code
 blocks, and the footer; with ``format: short`` one line of details. Text from events and
 actions is escaped for Slack mrkdwn (``&``, ``<``, ``>``), so an event cannot mention
-``@channel`` or forge a link. Delivery and its errors are :func:`notifiers.webhook.post_json`'s:
-a 429 becomes a ``TemporaryError`` with Slack's ``Retry-After`` as the delay.
+``@channel`` or forge a link. Delivery and its errors are
+:meth:`notifiers.webhook.HttpClient.post_json`'s: a 429 becomes a ``TemporaryError`` with
+Slack's ``Retry-After`` as the delay.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from notifiers import message
 from engine.contract.notifiers import Notification, notifier
-from notifiers.webhook import post_json
+from notifiers import message
+from notifiers.webhook import HttpClient
 
 SETTINGS: dict[str, Any] = {
     "type": "object",
@@ -54,7 +55,6 @@ SETTINGS: dict[str, Any] = {
         },
     },
 }
-DEFAULTS = {k: v["default"] for k, v in SETTINGS["properties"].items() if "default" in v}
 
 FIELD_LIMIT = 2000
 """Characters of one section field; a section's text may hold 3000."""
@@ -102,7 +102,7 @@ def _long_blocks(note: Notification, footer: str) -> list[dict[str, Any]]:
 
 def payload(note: Notification, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON body posted to the webhook."""
-    opts = {**DEFAULTS, **settings}
+    opts = settings
     if opts["format"] == "short":
         blocks = [
             {
@@ -123,11 +123,15 @@ def payload(note: Notification, settings: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+CLIENT = HttpClient()
+
+
 @notifier(
     "slack",
     description="Post each action result to a Slack incoming webhook.",
     settings=SETTINGS,
     secrets=("webhookurl",),
+    close=CLIENT.close,
 )
 async def send(note: Notification, settings: Mapping[str, Any]) -> None:
-    await post_json(settings["webhookurl"], payload(note, settings))
+    await CLIENT.post_json(settings["webhookurl"], payload(note, settings))

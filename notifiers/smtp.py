@@ -25,8 +25,9 @@ from typing import Any, Literal
 import aiosmtplib
 
 from engine.contract.errors import PermanentError, TemporaryError
-from notifiers import message
 from engine.contract.notifiers import Notification, notifier
+from notifiers import message
+from observability.eventlog import event_logger
 
 log = logging.getLogger("falco_talon.notifiers.smtp")
 
@@ -83,7 +84,6 @@ SETTINGS: dict[str, Any] = {
         },
     },
 }
-DEFAULTS = {k: v["default"] for k, v in SETTINGS["properties"].items() if "default" in v}
 
 Mode = Literal["plain", "starttls", "implicit"]
 
@@ -178,7 +178,7 @@ def _scrub(text: str, password: str) -> str:
     secrets=("password",),
 )
 async def send(note: Notification, settings: Mapping[str, Any]) -> None:
-    opts = {**DEFAULTS, **settings}
+    opts = settings
     host, port = split_hostport(opts["hostport"])
     mode = tls_mode(opts, port)
     user, password = opts["user"], opts["password"]
@@ -218,9 +218,9 @@ async def send(note: Notification, settings: Mapping[str, Any]) -> None:
     except OSError as exc:
         raise TemporaryError(f"{where}: {exc.strerror or type(exc).__name__}") from None
     if refused:
-        log.warning(
+        event_logger(log, note.event.id, note.trace_id).warning(
             "%s refused some recipients: %s",
             where,
             ", ".join(f"{r} ({resp.code} {resp.message})" for r, resp in refused.items()),
-            extra={"fields": {"event_id": note.event.id, "notifier": "smtp"}},
+            fields={"notifier": "smtp"},
         )

@@ -8,10 +8,15 @@ errors and timeouts are temporary; other statuses, invalid URLs and TLS failures
 permanent. The URL may carry a token in its path or query and header values are often
 credentials, so errors name the URL's scheme and host only and never show a header value.
 Nothing is retried here: the dispatcher does that.
+
+Each notifier that posts (``webhook``, ``slack``) keeps one :class:`HttpClient`: one aiohttp
+session, so connections are reused across notifications, closed at shutdown through the
+notifier's ``close``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -23,8 +28,9 @@ import orjson
 from multidict import CIMultiDict
 
 from engine.contract.errors import PermanentError, TemporaryError
-from engine.contract.results import Outcome
 from engine.contract.notifiers import Notification, notifier
+from engine.contract.results import Outcome
+from engine.contract.retry import TRANSIENT_HTTP_STATUSES
 
 REDACTED = "********"
 
@@ -58,7 +64,6 @@ SETTINGS: dict[str, Any] = {
         },
     },
 }
-DEFAULTS = {k: v["default"] for k, v in SETTINGS["properties"].items() if "default" in v}
 
 
 def origin(url: str) -> str:
@@ -110,51 +115,76 @@ def _scrub(text: str, secrets: list[str]) -> str:
     return text
 
 
-async def post_json(
-    url: str,
-    body: Any,
-    *,
-    method: str = "POST",
-    headers: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-) -> None:
-    """Send ``body`` as JSON; raise ``TemporaryError``/``PermanentError`` as described above."""
-    where = origin(url)
-    secrets = _secrets(url, headers or {})
-    sent: CIMultiDict[str] = CIMultiDict(
-        {"Content-Type": "application/json", "User-Agent": "falco-talon"}
-    )
-    sent.update(headers or {})
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.request(method, url, data=orjson.dumps(body), headers=sent) as resp,
-        ):
-            if 200 <= resp.status < 300:
-                return
-            text = (await resp.text(errors="replace")).strip()[:200]
-            said = _scrub(f"{resp.reason or ''}: {text}" if text else resp.reason or "", secrets)
-            problem = f"{where} answered {resp.status} {said}".rstrip()
-            if resp.status == 429:
-                raise TemporaryError(problem, delay=retry_after(resp.headers.get("Retry-After")))
-            if resp.status == 408 or resp.status >= 500:
-                raise TemporaryError(problem)
-            raise PermanentError(problem)
-    except aiohttp.ClientSSLError as exc:
-        cause = getattr(exc, "certificate_error", None) or exc.os_error
-        raise PermanentError(f"{where}: TLS failure: {_scrub(str(cause), secrets)}") from None
-    except aiohttp.ClientConnectorError as exc:
-        cause = exc.os_error.strerror or type(exc.os_error).__name__
-        raise TemporaryError(f"{where}: cannot connect: {cause}") from None
-    except aiohttp.ClientResponseError as exc:  # too many redirects and the like
-        raise PermanentError(f"{where}: {type(exc).__name__} ({exc.status})") from None
-    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-        raise PermanentError(f"{where}: invalid URL ({type(exc).__name__})") from None
-    except aiohttp.ClientError as exc:
-        raise TemporaryError(f"{where}: {type(exc).__name__}") from None
-    except TimeoutError:
-        waited = f" within {timeout:g}s" if timeout else ""
-        raise TemporaryError(f"{where}: no answer{waited}") from None
+class HttpClient:
+    """One notifier's HTTP session: opened on first use, reused, closed by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = self._session
+        # A session belongs to the loop it was opened in (tests run one loop per test).
+        if session is None or session.closed or session._loop is not loop:
+            session = self._session = aiohttp.ClientSession(headers={"User-Agent": "falco-talon"})
+        return session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    async def post_json(
+        self,
+        url: str,
+        body: Any,
+        *,
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``body`` as JSON; raise ``TemporaryError``/``PermanentError`` as described
+        in the module's docstring."""
+        where = origin(url)
+        secrets = _secrets(url, headers or {})
+        sent: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+        sent.update(headers or {})
+        try:
+            async with self.session().request(
+                method,
+                url,
+                data=orjson.dumps(body),
+                headers=sent,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    return
+                text = (await resp.text(errors="replace")).strip()[:200]
+                said = _scrub(
+                    f"{resp.reason or ''}: {text}" if text else resp.reason or "", secrets
+                )
+                problem = f"{where} answered {resp.status} {said}".rstrip()
+                if resp.status == 429:
+                    delay = retry_after(resp.headers.get("Retry-After"))
+                    raise TemporaryError(problem, delay=delay)
+                if resp.status in TRANSIENT_HTTP_STATUSES or resp.status >= 500:
+                    raise TemporaryError(problem)
+                raise PermanentError(problem)
+        except aiohttp.ClientSSLError as exc:
+            cause = getattr(exc, "certificate_error", None) or exc.os_error
+            raise PermanentError(f"{where}: TLS failure: {_scrub(str(cause), secrets)}") from None
+        except aiohttp.ClientConnectorError as exc:
+            cause = exc.os_error.strerror or type(exc.os_error).__name__
+            raise TemporaryError(f"{where}: cannot connect: {cause}") from None
+        except aiohttp.ClientResponseError as exc:  # too many redirects and the like
+            raise PermanentError(f"{where}: {type(exc).__name__} ({exc.status})") from None
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+            raise PermanentError(f"{where}: invalid URL ({type(exc).__name__})") from None
+        except aiohttp.ClientError as exc:
+            raise TemporaryError(f"{where}: {type(exc).__name__}") from None
+        except TimeoutError:
+            waited = f" within {timeout:g}s" if timeout else ""
+            raise TemporaryError(f"{where}: no answer{waited}") from None
 
 
 def body(note: Notification) -> dict[str, Any]:
@@ -181,18 +211,21 @@ def body(note: Notification) -> dict[str, Any]:
     }
 
 
+CLIENT = HttpClient()
+
+
 @notifier(
     "webhook",
     description="POST (or PUT) each action result as JSON to a URL.",
     settings=SETTINGS,
     secrets=("url", "headers"),
+    close=CLIENT.close,
 )
 async def send(note: Notification, settings: Mapping[str, Any]) -> None:
-    opts = {**DEFAULTS, **settings}
-    await post_json(
-        opts["url"],
+    await CLIENT.post_json(
+        settings["url"],
         body(note),
-        method=opts["method"],
-        headers=opts["headers"],
-        timeout=float(opts["timeout"]),
+        method=settings["method"],
+        headers=settings["headers"],
+        timeout=float(settings["timeout"]),
     )

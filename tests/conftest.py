@@ -14,8 +14,8 @@ import pytest
 
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.event import FalcoEvent, event_from_dict
-from engine.rules import RuleSet, RulesLoader
 from engine.contract.notifiers import NotifierRegistry
+from engine.rules import RuleSet, RulesLoader
 from tests.recording import Recorder, make_registry
 
 FALCO_EVENT: dict[str, Any] = {

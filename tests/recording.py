@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 
 from engine.contract.actionners import ACTIONNERS, ActionContext, ActionnerRegistry, actionner
 from engine.contract.errors import TemporaryError
-from engine.plugins import load_plugins
 from engine.contract.results import ActionResult
+from engine.contract.retry import RetryPolicy
+from engine.plugins import load_plugins
+
+FAST_RETRY = RetryPolicy(attempts=3, backoff=0.01)
+"""Retries that keep tests quick: 3 runs, 10 ms then 20 ms apart."""
 
 
 @dataclass
@@ -68,10 +72,38 @@ def make_registry(recorder: Recorder) -> ActionnerRegistry:
         record("test:fail", ctx)
         return ActionResult.failed("the pod refused", target=ctx.target)
 
-    @actionner("test:raise", description="records, then raises", registry=registry)
+    @actionner(
+        "test:raise",
+        description="records, then raises a TemporaryError every time",
+        retry=FAST_RETRY,
+        registry=registry,
+    )
     async def _raise(ctx: ActionContext) -> ActionResult:
         record("test:raise", ctx)
         raise TemporaryError("apiserver unreachable")
+
+    @actionner(
+        "test:flaky",
+        description="records; a TemporaryError on the first call of each event, then succeeds",
+        retry=FAST_RETRY,
+        registry=registry,
+    )
+    async def _flaky(ctx: ActionContext) -> ActionResult:
+        record("test:flaky", ctx)
+        if sum(1 for c in recorder.contexts if c.event is ctx.event) == 1:
+            raise TemporaryError("try again", delay=0.01)
+        return ActionResult.succeeded("on a retry", target=ctx.target)
+
+    @actionner(
+        "test:hang",
+        description="records, then never answers; its own timeout is 0.2 s",
+        timeout=0.2,
+        registry=registry,
+    )
+    async def _hang(ctx: ActionContext) -> ActionResult:
+        record("test:hang", ctx)
+        await asyncio.sleep(3600)
+        return ActionResult.succeeded(target=ctx.target)
 
     @actionner("test:crash", description="records, then has a bug", registry=registry)
     async def _crash(ctx: ActionContext) -> ActionResult:

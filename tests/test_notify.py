@@ -18,10 +18,11 @@ from aiohttp import web
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.errors import TemporaryError
 from engine.contract.event import FalcoEvent
+from engine.contract.notifiers import Notification, NotifierRegistry, notifier
+from engine.contract.retry import RetryPolicy
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
-from engine.contract.notifiers import Notification, NotifierRegistry, notifier
 
 RULES = """
 - name: first
@@ -97,7 +98,9 @@ async def test_each_notifier_gets_one_notification_per_action_in_order_despite_f
     rec, url = receiver
     settings = {name: {"url": f"{url}/{name}"} for name in ("good", "flaky", "hangs")}
     dispatcher = Dispatcher(
-        notifiers, settings, DeliveryPolicy(timeout=0.2, attempts=3, backoff=0.01)
+        notifiers,
+        settings,
+        DeliveryPolicy(timeout=0.2, retry=RetryPolicy(attempts=3, backoff=0.01)),
     )
     pipeline = Pipeline(load_rules(RULES), registry, dispatcher=dispatcher)
     events = [make_event(uuid=f"ev-{i}") for i in range(3)]

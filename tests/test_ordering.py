@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Callable
 
-from engine.contract.actionners import ActionnerRegistry
 from engine import machine
+from engine.contract.actionners import ActionnerRegistry
 from engine.contract.event import FalcoEvent
+from engine.contract.results import Outcome
 from engine.machine import MACHINE, Stage
 from engine.pipeline import Pipeline
-from engine.contract.results import Outcome
 from engine.rules import RuleSet
 from tests.recording import Recorder
 
@@ -143,10 +144,18 @@ async def test_a_failed_action_is_recorded_and_does_not_stop_the_others(
         + rule("still runs", "test:record")
     )
     result = await run(rules, registry, make_event())
-    assert [c[0] for c in recorder.calls] == ["fails", "raises", "has a bug", "still runs"]
+    # A TemporaryError is retried (test:raise declares 3 attempts); the others are not.
+    assert [c[0] for c in recorder.calls] == [
+        "fails",
+        "raises",
+        "raises",
+        "raises",
+        "has a bug",
+        "still runs",
+    ]
     outcomes = {s.rule.name: (s.outcome, s.reason) for s in result.steps}
     assert outcomes["fails"] == (Outcome.FAILED, "the pod refused")
-    assert outcomes["raises"] == (Outcome.FAILED, "apiserver unreachable")
+    assert outcomes["raises"] == (Outcome.FAILED, "apiserver unreachable (after 3 attempts)")
     assert outcomes["has a bug"] == (Outcome.FAILED, "KeyError: 'missing'")
     assert outcomes["still runs"][0] is Outcome.SUCCEEDED
     assert result.stage is Stage.NOTIFIED
@@ -234,3 +243,30 @@ async def test_models_are_never_attached_to_the_shared_machine(
         await pipeline.process(make_event())
     assert MACHINE.models == []
     assert live_runs() == before
+
+
+async def test_a_temporary_error_is_retried_under_the_actionners_policy_until_it_succeeds(
+    load_rules: Callable[..., RuleSet],
+    registry: ActionnerRegistry,
+    recorder: Recorder,
+    make_event: Callable[..., FalcoEvent],
+) -> None:
+    rules = load_rules(rule("flaky", "test:flaky") + rule("after", "test:record"))
+    result = await run(rules, registry, make_event())
+    assert [c[0] for c in recorder.calls] == ["flaky", "flaky", "after"]
+    outcomes = {s.rule.name: (s.outcome, s.reason) for s in result.steps}
+    assert outcomes["flaky"] == (Outcome.SUCCEEDED, "on a retry")
+
+
+async def test_an_actionners_own_timeout_fails_its_step_and_the_next_one_runs(
+    load_rules: Callable[..., RuleSet],
+    registry: ActionnerRegistry,
+    recorder: Recorder,
+    make_event: Callable[..., FalcoEvent],
+) -> None:
+    # The pipeline's actionTimeout is 30 s; test:hang declares timeout=0.2.
+    rules = load_rules(rule("hangs", "test:hang") + rule("after", "test:record"))
+    result = await asyncio.wait_for(run(rules, registry, make_event()), 5)
+    outcomes = {s.rule.name: (s.outcome, s.reason) for s in result.steps}
+    assert outcomes["hangs"] == (Outcome.FAILED, "timed out after 0.2s")
+    assert outcomes["after"][0] is Outcome.SUCCEEDED

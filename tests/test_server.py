@@ -226,7 +226,8 @@ async def test_a_full_queue_answers_503_with_retry_after_and_loses_no_accepted_e
     assert (await third.json())["error"] == "queue full, retry later"
     await service.queue.join()
     assert len(recorder.calls) == 2
-    assert service.stats["refused.queue_full"] == 1
+    refused = 'falco_talon_events_rejected_total{reason="queue_full"} 1.0'
+    assert refused in service.metrics.render().decode()
 
 
 async def test_healthz_answers_200_with_a_small_json_body(make_client: ClientFactory) -> None:

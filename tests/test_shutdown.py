@@ -19,6 +19,7 @@ from engine.contract.actionners import ActionnerRegistry
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, serve
+from observability.metrics import Metrics
 from tests.conftest import FALCO_EVENT
 from tests.recording import Recorder
 
@@ -50,7 +51,10 @@ async def test_sigterm_finishes_events_in_flight_and_refuses_new_ones(
     registry: ActionnerRegistry, load_rules: Callable[..., RuleSet], recorder: Recorder
 ) -> None:
     recorder.started = asyncio.Event()
-    service = Service(Pipeline(load_rules(SLOW), registry), workers=2, shutdown_timeout=10)
+    metrics = Metrics()
+    service = Service(
+        Pipeline(load_rules(SLOW), registry, metrics=metrics), workers=2, shutdown_timeout=10
+    )
     task, url = await start_server(service)
     async with aiohttp.ClientSession() as session:
         for _ in range(4):  # two in flight, two queued
@@ -65,7 +69,8 @@ async def test_sigterm_finishes_events_in_flight_and_refuses_new_ones(
             assert await resp.json() == {"error": "shutting down"}
     await asyncio.wait_for(task, 10)
     assert len(recorder.calls) == 4
-    assert service.pipeline.stats["action.succeeded"] == 4
+    succeeded = 'falco_talon_actions_total{actionner="test:slow",outcome="succeeded"} 4.0'
+    assert succeeded in metrics.render().decode()
 
 
 async def test_events_not_finished_by_the_timeout_are_logged_by_id(

@@ -1,7 +1,8 @@
-"""The actionner registry: declarations of what each actionner is, needs and accepts.
+"""Actionners: what each one is, needs and accepts, and the policy the pipeline runs it with.
 
-Position in the flow: the engine reads this registry; actionner modules fill it.
-Nothing here imports the engine's machinery, only its contract (event model, results).
+Position in the flow: actionner modules (``actionners.*``) fill :data:`ACTIONNERS` with
+``@actionner(...)``; the pipeline (``engine.pipeline``) looks steps up in it and runs them
+under each spec's :class:`HandlerPolicy`. Nothing here runs an actionner.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from typing import Any
 
 from engine.contract.event import FalcoEvent
 from engine.contract.kubeapi import RbacRule
-from engine.contract.registry import Registry
+from engine.contract.registry import EMPTY_OBJECT_SCHEMA, Registry, schema_defaults
 from engine.contract.results import ActionResult, Target
+from engine.contract.retry import RetryPolicy
 
 __all__ = [
     "ACTIONNERS",
     "ActionContext",
     "ActionnerRegistry",
     "ActionnerSpec",
+    "HandlerPolicy",
     "RbacRule",
     "actionner",
 ]
@@ -41,6 +44,24 @@ class ActionContext:
 RunFunc = Callable[[ActionContext], Awaitable[ActionResult]]
 
 
+DEFAULT_RETRY = RetryPolicy(attempts=3, backoff=0.2, max_backoff=2.0, jitter=True)
+"""An actionner's retries unless it declares its own: 3 runs, 0.2 s then 0.4 s apart (±50%)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerPolicy:
+    """How the pipeline runs one actionner, as kopf's handler options: declared with the
+    actionner (``@actionner(..., timeout=, retry=)``), honoured for every step of it."""
+
+    timeout: float | None = None
+    """Seconds the whole step may take, retries included; ``None``: the server's
+    ``actionTimeout``. Past it the step fails with "timed out after Ns"."""
+    retry: RetryPolicy = DEFAULT_RETRY
+    """What a ``TemporaryError`` from ``run`` means: run it again after a backoff, up to
+    ``retry.attempts`` runs in all; the last error fails the step. A ``PermanentError`` (or
+    any other exception) fails it at once."""
+
+
 @dataclass(frozen=True, slots=True)
 class ActionnerSpec:
     """The declaration of one actionner. Immutable: the registry hands the same one to everyone."""
@@ -53,12 +74,12 @@ class ActionnerSpec:
     """Default of the rule's ``continue`` when the rule does not say."""
     before: bool = False
     """Default of the rule's ``before`` when the rule does not say."""
-    parameters: Mapping[str, Any] = field(
-        default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False}
-    )
+    parameters: Mapping[str, Any] = field(default_factory=lambda: EMPTY_OBJECT_SCHEMA)
     """JSON Schema (draft 2020-12) of ``action.parameters``."""
     rbac: tuple[RbacRule, ...] = ()
     """The Kubernetes permissions ``run`` needs."""
+    policy: HandlerPolicy = HandlerPolicy()
+    """Timeout and retries the pipeline applies to every run."""
 
     @property
     def category(self) -> str:
@@ -66,8 +87,7 @@ class ActionnerSpec:
 
     def defaults(self) -> dict[str, Any]:
         """Parameter defaults declared in the schema."""
-        props = self.parameters.get("properties", {})
-        return {k: v["default"] for k, v in props.items() if "default" in v}
+        return schema_defaults(self.parameters)
 
 
 class ActionnerRegistry(Registry[ActionnerSpec]):
@@ -90,26 +110,16 @@ def actionner(
     description: str,
     continue_: bool = True,
     before: bool = False,
-    parameters: Mapping[str, Any] | None = None,
+    parameters: Mapping[str, Any] = EMPTY_OBJECT_SCHEMA,
     rbac: tuple[RbacRule, ...] = (),
+    timeout: float | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
     registry: ActionnerRegistry | None = None,
 ) -> Callable[[RunFunc], RunFunc]:
     """Register the decorated ``async def run(ctx) -> ActionResult`` as actionner ``name``."""
-
-    def decorate(run: RunFunc) -> RunFunc:
-        kwargs: dict[str, Any] = {}
-        if parameters is not None:
-            kwargs["parameters"] = parameters
-        spec = ActionnerSpec(
-            name=name,
-            description=description,
-            run=run,
-            continue_=continue_,
-            before=before,
-            rbac=rbac,
-            **kwargs,
+    policy = HandlerPolicy(timeout=timeout, retry=retry)
+    return (ACTIONNERS if registry is None else registry).register(
+        lambda run: ActionnerSpec(
+            name, description, run, continue_, before, parameters, rbac, policy
         )
-        (registry if registry is not None else ACTIONNERS).add(spec)
-        return run
-
-    return decorate
+    )

@@ -22,20 +22,18 @@ import asyncio
 import json
 import logging
 import os
-import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.contract.errors import PermanentError, TemporaryError
-from observability.tracing import SpanRecord, child
+from engine.contract.retry import TRANSIENT_HTTP_STATUSES, Retried, RetryPolicy, retry
+from observability.tracing import child
 
 log = logging.getLogger("falco_talon.kubeapi")
 
 T = TypeVar("T")
-
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +80,10 @@ class NotConfigured(PermanentError):
     """No Kubernetes configuration could be found."""
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How hard a call tries before it reports a transient failure."""
-
-    attempts: int = 5
-    """Calls per request, the first included."""
-    backoff: float = 0.2
-    """Seconds before the first retry; doubled each time, with jitter."""
-    max_backoff: float = 3.0
-    timeout: float = 10.0
-    """Seconds one HTTP request may take (connect and read)."""
+API_RETRY = RetryPolicy(attempts=5, backoff=0.2, max_backoff=3.0, jitter=True)
+"""Calls per request (the first included) and the backoff between them."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds one HTTP request may take (connect and read)."""
 
 
 def _api_message(exc: Any) -> str:
@@ -114,7 +105,7 @@ def classify(exc: BaseException, what: str) -> Exception:
     if isinstance(exc, ApiException):
         status = int(exc.status or 0)
         message = f"{what}: {_api_message(exc)} (HTTP {status})"
-        if status in TRANSIENT_STATUS or status == 0:
+        if status in TRANSIENT_HTTP_STATUSES or status == 0:
             return ApiTemporaryError(message, status)
         if status == 404:
             return NotFound(message, status)
@@ -142,12 +133,17 @@ class KubeApi:
     """The shared client: typed API groups plus :meth:`call` to run one request safely."""
 
     def __init__(
-        self, api_client: Any, retry: RetryPolicy = RetryPolicy(), threads: int = 16
+        self,
+        api_client: Any,
+        retry: RetryPolicy = API_RETRY,
+        threads: int = 16,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         from kubernetes import client
 
         self.api_client = api_client
         self.retry = retry
+        self.request_timeout = request_timeout
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
@@ -157,37 +153,38 @@ class KubeApi:
         """Run ``fn(*args, **kwargs)`` in the pool with retries; ``what`` names it in errors.
 
         Returns the client's model object (typed ``Any``: the client's models are loosely
-        typed, and every field of them may be None)."""
-        kwargs.setdefault("_request_timeout", self.retry.timeout)
+        typed, and every field of them may be None). Raises :class:`ApiPermanentError` (or
+        a subclass), :class:`ApiTemporaryError` once the retries ran out, or the client's
+        own exception untouched when it is a bug rather than an API answer."""
+        kwargs.setdefault("_request_timeout", self.request_timeout)
+        loop = asyncio.get_running_loop()
         # Span names stay low-cardinality (the client method); the object goes in attributes.
         with child(f"k8s {getattr(fn, '__name__', 'call')}", k8s__request=what) as span:
-            return await self._call(span, what, fn, *args, **kwargs)
 
-    async def _call(
-        self, span: SpanRecord, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> Any:
-        loop = asyncio.get_running_loop()
-        delay = self.retry.backoff
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-            except Exception as exc:  # classified below
-                error = classify(exc, what)
-                if error is exc:
-                    raise
-                status = getattr(error, "status", None)
-                span.set(http__response__status_code=status)
-                if not isinstance(error, ApiTemporaryError) or attempt == self.retry.attempts:
-                    if isinstance(error, ApiTemporaryError):
-                        error = ApiTemporaryError(
-                            f"{error} after {attempt} attempt(s)", error.status
-                        )
+            async def once() -> Any:
+                try:
+                    return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+                except Exception as exc:
+                    error = classify(exc, what)
+                    if error is exc:
+                        raise
+                    span.set(http__response__status_code=getattr(error, "status", None))
                     raise error from exc
+
+            def on_retry(attempt: int, error: BaseException, wait: float) -> None:
                 span.event("retry", talon__attempt=attempt, talon__reason=str(error))
-                log.warning("%s failed (%s), retry %d in %.2fs", what, error, attempt, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.retry.max_backoff)
-        raise AssertionError("unreachable")
+                log.warning("%s failed (%s), retry %d in %.2fs", what, error, attempt, wait)
+
+            try:
+                return await retry(
+                    self.retry, once, lambda e: isinstance(e, ApiTemporaryError), on_retry
+                )
+            except Retried as failed:
+                error = failed.error
+                if isinstance(error, ApiTemporaryError):
+                    message = f"{error} after {failed.attempts} attempt(s)"
+                    raise ApiTemporaryError(message, error.status) from error.__cause__
+                raise error from error.__cause__
 
     async def read_pod(self, namespace: str, name: str) -> Any:
         """The pod, or :class:`NotFound`."""
@@ -204,7 +201,7 @@ class KubeApi:
         self.api_client.close()
 
 
-def connect(kubeconfig: str = "", retry: RetryPolicy = RetryPolicy()) -> KubeApi:
+def connect(kubeconfig: str = "", retry: RetryPolicy = API_RETRY) -> KubeApi:
     """A client from ``kubeconfig``; when empty: in-cluster inside a pod, else the default
     kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``)."""
     from kubernetes import client, config
@@ -233,6 +230,14 @@ def use(api: KubeApi | None, kubeconfig: str = "") -> None:
     global _current, _default_kubeconfig  # noqa: PLW0603 - one API client per process
     _current = api
     _default_kubeconfig = kubeconfig
+
+
+def close() -> None:
+    """Close the shared client, if one was made (at shutdown, after the last action)."""
+    global _current
+    api, _current = _current, None
+    if api is not None:
+        api.close()
 
 
 def current() -> KubeApi:

@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.contract.event import FalcoEvent
 from engine.contract.kubeapi import RbacRule
-from engine.contract.registry import Registry
+from engine.contract.registry import EMPTY_OBJECT_SCHEMA, Registry, schema_defaults
 from engine.contract.results import ActionResult
 
 
@@ -32,6 +32,7 @@ class Notification:
 
 
 SendFunc = Callable[[Notification, Mapping[str, Any]], Awaitable[None]]
+CloseFunc = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +42,9 @@ class NotifierSpec:
     name: str
     description: str
     send: SendFunc
-    """Deliver one notification with the given settings; raise ``TemporaryError`` to be retried."""
-    settings: Mapping[str, Any] = field(
-        default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False}
-    )
+    """Deliver one notification with the given settings (the config's ``notifiers.<name>``,
+    defaults filled in); raise ``TemporaryError`` to be retried."""
+    settings: Mapping[str, Any] = field(default_factory=lambda: EMPTY_OBJECT_SCHEMA)
     """JSON Schema (draft 2020-12) of ``notifiers.<name>`` in the config."""
     secrets: tuple[str, ...] = ()
     """Settings never to be shown in logs, errors or printed config."""
@@ -52,10 +52,13 @@ class NotifierSpec:
     """False when the notifier works with no configuration at all (``k8sevents``)."""
     rbac: tuple[RbacRule, ...] = ()
     """The Kubernetes permissions ``send`` needs."""
+    close: CloseFunc | None = None
+    """Release what ``send`` keeps between calls (an HTTP connection pool); awaited once at
+    shutdown, after the last notification."""
 
     def defaults(self) -> dict[str, Any]:
-        props = self.settings.get("properties", {})
-        return {k: v["default"] for k, v in props.items() if "default" in v}
+        """Setting defaults declared in the schema."""
+        return schema_defaults(self.settings)
 
 
 class NotifierRegistry(Registry[NotifierSpec]):
@@ -72,28 +75,16 @@ def notifier(
     name: str,
     *,
     description: str,
-    settings: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] = EMPTY_OBJECT_SCHEMA,
     secrets: tuple[str, ...] = (),
     needs_settings: bool = True,
     rbac: tuple[RbacRule, ...] = (),
+    close: CloseFunc | None = None,
     registry: NotifierRegistry | None = None,
 ) -> Callable[[SendFunc], SendFunc]:
     """Register the decorated ``async def send(notification, settings)`` as notifier ``name``."""
-
-    def decorate(send: SendFunc) -> SendFunc:
-        kwargs: dict[str, Any] = {}
-        if settings is not None:
-            kwargs["settings"] = settings
-        spec = NotifierSpec(
-            name=name,
-            description=description,
-            send=send,
-            secrets=secrets,
-            needs_settings=needs_settings,
-            rbac=rbac,
-            **kwargs,
+    return (NOTIFIERS if registry is None else registry).register(
+        lambda send: NotifierSpec(
+            name, description, send, settings, secrets, needs_settings, rbac, close
         )
-        (registry if registry is not None else NOTIFIERS).add(spec)
-        return send
-
-    return decorate
+    )

@@ -7,8 +7,8 @@ Part of the engine's contract with plug-ins (``engine.contract.actionners`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Generic, Protocol, Self, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 
 class Named(Protocol):
@@ -17,6 +17,21 @@ class Named(Protocol):
 
 
 S = TypeVar("S", bound=Named)
+F = TypeVar("F", bound=Callable[..., Any])
+
+EMPTY_OBJECT_SCHEMA: Mapping[str, Any] = {
+    "type": "object",
+    "properties": {},
+    "additionalProperties": False,
+}
+"""The schema of a plug-in that takes no parameters or settings."""
+
+
+def schema_defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``default`` of every top-level property of an object schema: the one place a
+    plug-in's defaults are read (actionner parameters and notifier settings alike)."""
+    props: Mapping[str, Any] = schema.get("properties", {})
+    return {k: v["default"] for k, v in props.items() if "default" in v}
 
 
 class Registry(Generic[S]):
@@ -53,6 +68,16 @@ class Registry(Generic[S]):
 
     def __len__(self) -> int:
         return len(self._specs)
+
+    def register(self, declare: Callable[[F], S]) -> Callable[[F], F]:
+        """A decorator that adds ``declare(func)`` to this registry and returns ``func``
+        unchanged: what the ``@actionner(...)`` and ``@notifier(...)`` decorators are."""
+
+        def decorate(func: F) -> F:
+            self.add(declare(func))
+            return func
+
+        return decorate
 
     def copy(self) -> Self:
         """A registry of the same declarations, to add test-only ones to."""

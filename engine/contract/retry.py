@@ -42,7 +42,7 @@ class RetryPolicy:
         delay the callee asked for (``Retry-After``), used instead of the backoff."""
         if asked:
             return min(asked, self.max_backoff)
-        wait = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+        wait: float = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
         return wait * (0.5 + random.random()) if self.jitter else wait
 
 
@@ -77,9 +77,8 @@ async def retry(
             return await call()
         except Exception as exc:
             verdict = temporary(exc)
-            is_temporary = verdict is not None and verdict is not False
-            if not is_temporary or attempt >= policy.attempts:
-                raise Retried(exc, attempt, is_temporary) from exc
+            if verdict is None or verdict is False or attempt >= policy.attempts:
+                raise Retried(exc, attempt, verdict is not None and verdict is not False) from exc
             asked = None if verdict is True else float(verdict)
             wait = policy.delay(attempt, asked)
             if on_retry is not None:

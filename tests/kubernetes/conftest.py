@@ -19,7 +19,8 @@ import pytest
 from kubernetes import client
 
 from engine.contract import kubeapi
-from engine.contract.kubeapi import KubeApi, RetryPolicy
+from engine.contract.kubeapi import KubeApi
+from engine.contract.retry import RetryPolicy
 from tests.env.kubelet import TestKubelet, kubelet_apiserver_args
 from tests.env.testenv import TestEnv, TestEnvInfo, default_state_dir
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from engine.contract.retry import RetryPolicy
 from engine.machine import EventRun
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
@@ -52,7 +53,9 @@ async def start_talon(
     path = tmp_path / "rules.yaml"
     path.write_text(textwrap.dedent(rules).lstrip("\n"))
     ruleset = RulesLoader(actionners, notifiers).load([path])
-    dispatcher = Dispatcher(notifiers, {"k8sevents": {}}, DeliveryPolicy(attempts=2, backoff=0.05))
+    dispatcher = Dispatcher(
+        notifiers, {"k8sevents": {}}, DeliveryPolicy(retry=RetryPolicy(attempts=2, backoff=0.05))
+    )
     pipeline = Pipeline(
         ruleset,
         actionners,

@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client
 
 from engine.contract import kubeapi
-from engine.contract.kubeapi import ApiPermanentError, KubeApi, RetryPolicy
+from engine.contract.kubeapi import ApiPermanentError, KubeApi
+from engine.contract.retry import RetryPolicy
 from engine.plugins import load_plugins
 from engine.rbac import cluster_role, required_rules
 from tests.env.testenv import TestEnvInfo

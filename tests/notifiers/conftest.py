@@ -11,7 +11,7 @@ import email
 import email.policy
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -24,8 +24,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from engine.contract.event import event_from_dict
-from engine.contract.results import ActionResult, Outcome
 from engine.contract.notifiers import Notification
+from engine.contract.results import ActionResult, Outcome
+from engine.plugins import load_plugins
 from tests.conftest import FALCO_EVENT
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -33,6 +34,12 @@ SMTP_USER = "talon"
 SMTP_PASSWORD = "s3cret-Pa55word"
 
 MakeNote = Callable[..., Notification]
+
+
+def configured(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """A notifier's settings as the config hands them to ``send``: over its defaults."""
+    _, notifiers = load_plugins()
+    return {**notifiers[name].defaults(), **given}
 
 
 @pytest.fixture

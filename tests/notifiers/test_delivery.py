@@ -16,16 +16,17 @@ from typing import Any
 
 import pytest
 
-from engine.contract.actionners import ActionnerRegistry
 from engine.config import check_notifiers, load_settings, notifier_settings
+from engine.contract.actionners import ActionnerRegistry
 from engine.contract.errors import TalonError
 from engine.contract.event import FalcoEvent
+from engine.contract.notifiers import NOTIFIERS
+from engine.contract.retry import RetryPolicy
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, create_app
 from notifiers import slack, smtp, webhook
-from engine.contract.notifiers import NOTIFIERS
 from tests.conftest import FALCO_EVENT
 from tests.notifiers.conftest import (
     SMTP_PASSWORD,
@@ -36,12 +37,14 @@ from tests.notifiers.conftest import (
     Receiver,
     Reply,
     StartSmtp,
+    configured,
 )
 
 SLACK_PATH = "/services/T0000/B0000/slackSECRETslack"
 
 
 def smtp_settings(port: int, certs: Certs, **changes: Any) -> dict[str, Any]:
+    """Only what the user writes in the config (defaults are the config's to fill)."""
     return {
         "hostport": f"127.0.0.1:{port}",
         "user": SMTP_USER,
@@ -59,8 +62,8 @@ async def test_a_429_is_retried_after_slacks_retry_after_then_delivered(
     receiver.script = [Reply(429, "rate_limited", {"Retry-After": "1"})]
     dispatcher = Dispatcher(
         NOTIFIERS,
-        {"slack": {"webhookurl": receiver.url(SLACK_PATH)}},
-        DeliveryPolicy(timeout=5, attempts=3, backoff=0.01),
+        {"slack": configured("slack", {"webhookurl": receiver.url(SLACK_PATH)})},
+        DeliveryPolicy(timeout=5, retry=RetryPolicy(attempts=3, backoff=0.01)),
     )
     started = time.monotonic()
     assert await dispatcher.deliver("slack", make_note())
@@ -94,12 +97,16 @@ async def test_a_down_and_a_hanging_receiver_fail_for_good_without_delaying_anyt
       notifiers: [slack, webhook, smtp]
     """
     settings = {
-        "slack": {"webhookurl": hanging.url(SLACK_PATH)},
-        "webhook": {"url": f"http://127.0.0.1:{closed_port}/hook"},
-        "smtp": smtp_settings(mail.port, certs),
+        "slack": configured("slack", {"webhookurl": hanging.url(SLACK_PATH)}),
+        "webhook": configured("webhook", {"url": f"http://127.0.0.1:{closed_port}/hook"}),
+        "smtp": configured("smtp", smtp_settings(mail.port, certs)),
     }
     dispatcher = Dispatcher(
-        NOTIFIERS, settings, DeliveryPolicy(timeout=0.15, attempts=2, backoff=0.01)
+        NOTIFIERS,
+        # 0.5 s: long enough for a TLS handshake on a loaded 2-core machine, far below the
+        # receivers' 30 s hang.
+        settings,
+        DeliveryPolicy(timeout=0.5, retry=RetryPolicy(attempts=2, backoff=0.01)),
     )
     pipeline = Pipeline(load_rules(rules, notifiers=NOTIFIERS), registry, dispatcher=dispatcher)
     with caplog.at_level(logging.WARNING, "falco_talon.notify"):
@@ -128,7 +135,7 @@ async def test_a_down_and_a_hanging_receiver_fail_for_good_without_delaying_anyt
     expected = [("ev-0", "isolate"), ("ev-0", "label"), ("ev-1", "isolate"), ("ev-1", "label")]
     assert by_notifier == {"slack": expected, "webhook": expected}
     assert {r.getMessage().split(": ", 1)[1] for r in finals} == {
-        "timed out after 0.15s",
+        "timed out after 0.5s",
         f"http://127.0.0.1:{closed_port}: cannot connect: Connect call failed "
         f"('127.0.0.1', {closed_port})",
     }
@@ -152,16 +159,19 @@ async def test_secret_settings_never_appear_in_logs_or_errors_when_sends_fail(
     ]
     mail = start_smtp("starttls", auth=True)
     settings: dict[str, dict[str, Any]] = {
-        "slack": {"webhookurl": echo.url(SLACK_PATH)},
-        "webhook": {
-            "url": echo.url(f"/hook?token={token}"),
-            "headers": {"Authorization": f"Bearer {header}"},
-        },
-        "smtp": smtp_settings(mail.port, certs, password=wrong_password),
+        "slack": configured("slack", {"webhookurl": echo.url(SLACK_PATH)}),
+        "webhook": configured(
+            "webhook",
+            {
+                "url": echo.url(f"/hook?token={token}"),
+                "headers": {"Authorization": f"Bearer {header}"},
+            },
+        ),
+        "smtp": configured("smtp", smtp_settings(mail.port, certs, password=wrong_password)),
     }
     secrets = [SLACK_PATH.rsplit("/", 1)[1], token, header, wrong_password]
     dispatcher = Dispatcher(
-        NOTIFIERS, settings, DeliveryPolicy(timeout=2, attempts=2, backoff=0.01)
+        NOTIFIERS, settings, DeliveryPolicy(timeout=2, retry=RetryPolicy(attempts=2, backoff=0.01))
     )
     errors: list[str] = []
     with caplog.at_level(logging.DEBUG):
@@ -233,7 +243,7 @@ async def test_an_event_through_the_server_reaches_every_receiver_once_per_actio
     dispatcher = Dispatcher(
         NOTIFIERS,
         notifier_settings(settings, NOTIFIERS),
-        DeliveryPolicy(timeout=5, attempts=2, backoff=0.01),
+        DeliveryPolicy(timeout=5, retry=RetryPolicy(attempts=2, backoff=0.01)),
     )
     pipeline = Pipeline(
         rules,

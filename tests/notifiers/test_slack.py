@@ -10,17 +10,17 @@ import pytest
 
 from engine.config import load_settings, notifier_settings, redacted
 from engine.contract.errors import ConfigError, PermanentError, TemporaryError
+from engine.contract.notifiers import NOTIFIERS
 from engine.contract.results import Outcome
 from notifiers import slack
-from engine.contract.notifiers import NOTIFIERS
-from tests.notifiers.conftest import TRACE_ID, MakeNote, Receiver, Reply
+from tests.notifiers.conftest import TRACE_ID, MakeNote, Receiver, Reply, configured
 
 SECRET_PATH = "/services/T0000/B0000/XXXXsecretXXXX"
 EVENT_OUTPUT = "14:02:56.119: Warning A shell was spawned in a container (user=root k8s.ns=demo)"
 
 
 def settings(receiver: Receiver, **changes: Any) -> dict[str, Any]:
-    return {"webhookurl": receiver.url(SECRET_PATH), **changes}
+    return configured("slack", {"webhookurl": receiver.url(SECRET_PATH), **changes})
 
 
 def texts(body: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from tests.notifiers.conftest import (
     MakeNote,
     SmtpServer,
     StartSmtp,
+    configured,
 )
 
 VOID = {"meta", "br", "hr", "img", "link", "input"}
@@ -70,15 +71,18 @@ def parse_html(text: str) -> StrictHTML:
 
 
 def settings(server: SmtpServer, certs: Certs, **changes: Any) -> dict[str, Any]:
-    return {
-        "hostport": server.hostport,
-        "user": SMTP_USER,
-        "password": SMTP_PASSWORD,
-        "from": "Falco Talon <talon@example.com>",
-        "to": "oncall@example.com, sec@example.com",
-        "cafile": certs.cafile,
-        **changes,
-    }
+    return configured(
+        "smtp",
+        {
+            "hostport": server.hostport,
+            "user": SMTP_USER,
+            "password": SMTP_PASSWORD,
+            "from": "Falco Talon <talon@example.com>",
+            "to": "oncall@example.com, sec@example.com",
+            "cafile": certs.cafile,
+            **changes,
+        },
+    )
 
 
 def only(server: SmtpServer) -> EmailMessage:
@@ -250,10 +254,13 @@ async def test_a_partly_refused_delivery_is_sent_to_the_others_and_logged(
 async def test_a_closed_port_is_a_temporary_error(
     closed_port: int, certs: Certs, make_note: MakeNote
 ) -> None:
-    config = {
-        "hostport": f"127.0.0.1:{closed_port}",
-        "from": "talon@example.com",
-        "to": "oncall@example.com",
-    }
+    config = configured(
+        "smtp",
+        {
+            "hostport": f"127.0.0.1:{closed_port}",
+            "from": "talon@example.com",
+            "to": "oncall@example.com",
+        },
+    )
     with pytest.raises(TemporaryError, match=f"^{re.escape(f'127.0.0.1:{closed_port}')}: "):
         await smtp.send(make_note(), config)

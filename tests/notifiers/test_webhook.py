@@ -5,14 +5,21 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
 
 import pytest
 
 from engine.contract.errors import PermanentError, TemporaryError
 from engine.contract.results import Outcome
 from notifiers import webhook
-from tests.notifiers.conftest import TRACE_ID, Certs, MakeNote, MakeReceiver, Receiver, Reply
+from tests.notifiers.conftest import (
+    TRACE_ID,
+    Certs,
+    MakeNote,
+    MakeReceiver,
+    Receiver,
+    Reply,
+    configured,
+)
 
 TOKEN = "tok-9f8e7d6c5b4a"
 
@@ -21,7 +28,7 @@ async def test_the_body_keeps_the_seed_fields_and_adds_the_details(
     receiver: Receiver, make_note: MakeNote
 ) -> None:
     note = make_note(reason="deleted", output={"gracePeriodSeconds": 0})
-    await webhook.send(note, {"url": receiver.url(f"/hook?token={TOKEN}")})
+    await webhook.send(note, configured("webhook", {"url": receiver.url(f"/hook?token={TOKEN}")}))
 
     [request] = receiver.requests
     assert (request.method, request.path, request.query) == ("POST", "/hook", {"token": TOKEN})
@@ -50,7 +57,10 @@ async def test_the_body_keeps_the_seed_fields_and_adds_the_details(
 async def test_a_failed_action_reports_its_reason_as_error(
     receiver: Receiver, make_note: MakeNote
 ) -> None:
-    await webhook.send(make_note(Outcome.FAILED, "the pod refused"), {"url": receiver.url("/")})
+    await webhook.send(
+        make_note(Outcome.FAILED, "the pod refused"),
+        configured("webhook", {"url": receiver.url("/")}),
+    )
     body = receiver.bodies[0]
     assert (body["status"], body["error"]) == ("failed", "the pod refused")
     assert "reason" not in body
@@ -61,7 +71,8 @@ async def test_put_and_extra_headers_are_used_when_configured(
 ) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json+talon"}
     await webhook.send(
-        make_note(), {"url": receiver.url("/put"), "method": "PUT", "headers": headers}
+        make_note(),
+        configured("webhook", {"url": receiver.url("/put"), "method": "PUT", "headers": headers}),
     )
     [request] = receiver.requests
     assert request.method == "PUT"
@@ -86,7 +97,7 @@ async def test_only_a_2xx_answer_is_success_and_only_5xx_408_and_429_are_worth_r
 ) -> None:
     # 302 without a Location header: nothing to follow, so it stays a 302.
     receiver.script = [Reply(status, "")]
-    settings = {"url": receiver.url(f"/hook?token={TOKEN}")}
+    settings = configured("webhook", {"url": receiver.url(f"/hook?token={TOKEN}")})
     if error is None:
         await webhook.send(make_note(), settings)
     else:
@@ -100,7 +111,7 @@ async def test_a_429_with_an_http_date_retry_after_gives_the_seconds_until_then(
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     receiver.script = [Reply(429, "slow down", {"Retry-After": when})]
     with pytest.raises(TemporaryError) as caught:
-        await webhook.send(make_note(), {"url": receiver.url("/")})
+        await webhook.send(make_note(), configured("webhook", {"url": receiver.url("/")}))
     assert caught.value.delay is not None and 28 <= caught.value.delay <= 30
 
 
@@ -116,7 +127,9 @@ async def test_a_hanging_receiver_is_a_temporary_error_after_the_client_timeout(
 ) -> None:
     receiver.script = [Reply(delay=5)]
     with pytest.raises(TemporaryError) as caught:
-        await webhook.send(make_note(), {"url": receiver.url("/"), "timeout": 0.2})
+        await webhook.send(
+            make_note(), configured("webhook", {"url": receiver.url("/"), "timeout": 0.2})
+        )
     assert str(caught.value) == f"{receiver.base}: no answer within 0.2s"
 
 
@@ -125,7 +138,7 @@ async def test_a_closed_port_is_a_temporary_error_naming_only_the_host(
 ) -> None:
     url = f"http://user:pw-{TOKEN}@127.0.0.1:{closed_port}/hook/{TOKEN}?token={TOKEN}"
     with pytest.raises(TemporaryError) as caught:
-        await webhook.send(make_note(), {"url": url})
+        await webhook.send(make_note(), configured("webhook", {"url": url}))
     assert str(caught.value).startswith(f"http://127.0.0.1:{closed_port}: cannot connect: ")
     assert TOKEN not in str(caught.value)
 
@@ -136,7 +149,9 @@ async def test_an_untrusted_certificate_is_a_permanent_error(
     receiver: Receiver = await make_receiver(certs.server)
     assert receiver.base.startswith("https://")
     with pytest.raises(PermanentError) as caught:
-        await webhook.send(make_note(), {"url": receiver.url(f"/?token={TOKEN}")})
+        await webhook.send(
+            make_note(), configured("webhook", {"url": receiver.url(f"/?token={TOKEN}")})
+        )
     assert str(caught.value).startswith(f"{receiver.base}: TLS failure: ")
     assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
     assert TOKEN not in str(caught.value)
@@ -147,10 +162,13 @@ async def test_an_error_body_echoing_a_secret_is_scrubbed(
     receiver: Receiver, make_note: MakeNote
 ) -> None:
     receiver.script = [Reply(401, f"bad token {TOKEN} or key key-0a1b2c3d for /hook/{TOKEN}")]
-    settings: dict[str, Any] = {
-        "url": receiver.url(f"/hook/{TOKEN}?token={TOKEN}"),
-        "headers": {"X-Api-Key": "key-0a1b2c3d"},
-    }
+    settings = configured(
+        "webhook",
+        {
+            "url": receiver.url(f"/hook/{TOKEN}?token={TOKEN}"),
+            "headers": {"X-Api-Key": "key-0a1b2c3d"},
+        },
+    )
     with pytest.raises(PermanentError) as caught:
         await webhook.send(make_note(), settings)
     assert str(caught.value) == (

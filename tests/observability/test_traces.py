@@ -17,11 +17,12 @@ from aiohttp.test_utils import TestClient
 
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.errors import PermanentError
+from engine.contract.notifiers import Notification, NotifierRegistry, notifier
+from engine.contract.retry import RetryPolicy
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RulesLoader
 from engine.server import Service, create_app
-from engine.contract.notifiers import Notification, NotifierRegistry, notifier
 from observability.logging import JsonFormatter, TraceIds
 from observability.tracing import Tracing, TracingSettings
 from tests.conftest import FALCO_EVENT
@@ -70,7 +71,9 @@ async def talon(
     notes, _ = notifiers()
     tracing = Tracing(settings, flush_interval=0.05)
     dispatcher = Dispatcher(
-        notes, {"chat": {}, "pager": {}}, DeliveryPolicy(attempts=2, backoff=0.01)
+        notes,
+        {"chat": {}, "pager": {}},
+        DeliveryPolicy(retry=RetryPolicy(attempts=2, backoff=0.01)),
     )
     pipeline = Pipeline(
         RulesLoader(registry, notes).load([path]), registry, dispatcher=dispatcher, tracing=tracing
