@@ -1,5 +1,11 @@
 """Shared fixtures: rules written to real files, events in Falco's and Falcosidekick's shapes,
-registries holding the built-in actionners plus the test-only ``test:*`` ones."""
+registries holding the built-in actionners plus the test-only ``test:*`` ones.
+
+Tests are grouped by subsystem, one folder each, and each folder's ``conftest.py`` says
+what is real there: ``rules/``, ``pipeline/``, ``server/``, ``cli/``, ``notifiers/``,
+``observability/``, ``kubernetes/`` (a real kube-apiserver + etcd and a test kubelet),
+``chart/`` (helm against the same control plane), ``env/`` (the test servers themselves).
+Nothing is mocked; where a thing cannot exist here, the test says so."""
 
 from __future__ import annotations
 
