@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
-.PHONY: help install run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down jaeger
+.PHONY: help install tools run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down jaeger
 
 help:
 	@echo "make run    - install, start the local control plane + demo workloads, serve examples/ on 127.0.0.1:2803"
@@ -50,10 +50,12 @@ unit: install
 test: lint typecheck unit
 
 bench: install
-	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-		(apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null 2>&1)) || \
-		echo "wrk not installed: using bench/loadgen.py"; }
+	@command -v wrk >/dev/null 2>&1 || \
+		echo "wrk not installed: using bench/loadgen.py (.ci/system-packages.sh bench installs it)"
 	$(BIN)/python bench/bench.py
+
+tools:
+	bash .ci/system-packages.sh bench image cluster
 
 schemas: install
 	$(BIN)/falco-talon schemas
