@@ -50,6 +50,37 @@ def _event_attributes(event: FalcoEvent) -> dict[str, Any]:
     }
 
 
+class _StateSpans:
+    """One span per state of a run, each ended when the next state is entered; all built
+    only when the trace is sampled (unsampled: not even their attributes are)."""
+
+    def __init__(self, trace: Trace, parent: SpanRecord | None, event: FalcoEvent) -> None:
+        self.trace = trace
+        self.parent = parent
+        self.event_id = event.id
+        self.current = (
+            trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
+            if trace.sampled
+            else NO_SPAN
+        )
+
+    def enter(self, state: str) -> SpanRecord:
+        self.current.end()
+        if self.trace.sampled:
+            self.current = self.trace.start(state, self.parent, talon__event_id=self.event_id)
+        return self.current
+
+    def failed(self, exc: BaseException, state: str, error: str) -> None:
+        """The run broke in the current state: mark that span, open one for ``failed``."""
+        self.current.fail(f"{type(exc).__name__}: {exc}", exc)
+        self.current.end()
+        self.current = self.trace.start(state, self.parent, talon__error=error)
+        self.current.fail(error)
+
+    def end(self) -> None:
+        self.current.end()
+
+
 Observer = Callable[[EventRun, SpanRecord, EventLogger], None]
 """Shows what a state decided: on its span, in the log, in the metrics."""
 
@@ -112,17 +143,11 @@ class Pipeline:
                 if self.tracing is not None
                 else Trace(random.getrandbits(128) or 1, sampled=False)
             )
-        compiled = self.compiled
-        run = machine.start(EventRun(event, compiled.matcher, self.default_notifiers))
+        run = machine.start(EventRun(event, self.compiled.matcher, self.default_notifiers))
         run.trace_id = trace.trace_id_hex
         elog = event_logger(log, event.id, run.trace_id)
         started = time.perf_counter()
-        sampled = trace.sampled  # unsampled: no span attributes are even built
-        span = (
-            trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
-            if sampled
-            else NO_SPAN
-        )
+        spans = _StateSpans(trace, parent, event)
         if event.level is None:
             elog.warning(
                 "event priority %r is not a Falco priority: no priority criterion holds",
@@ -131,9 +156,7 @@ class Pipeline:
         try:
             while not run.finished:
                 machine.advance(run)
-                span.end()
-                if sampled:
-                    span = trace.start(run.state, parent, talon__event_id=event.id)
+                span = spans.enter(run.state)
                 with activate(trace, span):
                     for step in run.pending:
                         await self._execute(run, step, trace, span, elog)
@@ -144,18 +167,15 @@ class Pipeline:
             machine.fail(run, "cancelled")
             raise
         except Exception as exc:
-            span.fail(f"{type(exc).__name__}: {exc}", exc)
-            span.end()
             machine.fail(run, f"{type(exc).__name__}: {exc}")
-            span = trace.start(run.state, parent, talon__error=run.error)
-            span.fail(run.error)
+            spans.failed(exc, run.state, run.error)
             elog.exception("event run failed in state %s", run.history[-2][0].value)
         finally:
-            span.end()
+            spans.end()
         if self.metrics is not None:
             self.metrics.processed(run.state, time.perf_counter() - started)
         if self.dispatcher is not None and run.deliveries:
-            self.dispatcher.submit(run, trace, span)
+            self.dispatcher.submit(run, trace, spans.current)
         if self.tracing is not None:
             self.tracing.submit(trace)
         return run
