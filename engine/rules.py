@@ -140,16 +140,104 @@ class RulesInvalid(Exception):
 # --- schema -----------------------------------------------------------------------------------
 
 
+RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "action"],
+    "properties": {
+        "name": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Unique across all rules files.",
+        },
+        "description": {"type": "string"},
+        "match": {"$ref": "#/$defs/match"},
+        "action": {"$ref": "#/$defs/action"},
+        "continue": {
+            "type": "boolean",
+            "description": "false: when this rule matches, the other remaining "
+            "(non-before) matched rules are skipped. Default: the actionner's.",
+        },
+        "before": {
+            "type": "boolean",
+            "description": "true: runs in the before-actions stage, ahead of the "
+            "others. Default: the actionner's.",
+        },
+        "notifiers": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "description": "Notifiers that receive this rule's action results, "
+            "in addition to defaultNotifiers.",
+        },
+    },
+}
+"""One talon rule (seed syntax)."""
+
+MATCH_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "properties": {
+        "rules": {
+            "type": ["array", "null"],
+            "items": {"type": "string", "minLength": 1},
+            "description": "Falco rule names; the event's rule must be one of them.",
+        },
+        "priority": {
+            "type": ["string", "null"],
+            "pattern": PRIORITY_PATTERN,
+            "errorMessage": "is not a priority: an optional comparator (>=, >, <=, "
+            "<, =) and one of Debug, Informational, Notice, Warning, Error, "
+            "Critical, Alert, Emergency",
+        },
+        "tags": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "string",
+                "pattern": TAGS_PATTERN,
+                "errorMessage": "is not a tag group: comma-separated non-empty tags",
+            },
+        },
+        "output_fields": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "string",
+                "pattern": OUTPUT_FIELDS_PATTERN,
+                "errorMessage": "is not a condition group: comma-separated "
+                "key=value or key!=value (quote a value that holds a comma)",
+            },
+        },
+    },
+}
+"""A rule's ``match``: every criterion given must hold."""
+
+
+def action_schema(actionners: ActionnerRegistry) -> dict[str, Any]:
+    """A rule's ``action``: a known actionner, and parameters valid for that actionner."""
+    names = [spec.name for spec in actionners]
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name"],
+        "properties": {
+            "name": {
+                "type": "string",
+                "enum": names,
+                "errorMessage": "is not a known actionner; known: " + ", ".join(names),
+            },
+            "parameters": {"type": ["object", "null"]},
+        },
+        "allOf": [
+            {
+                "if": {"properties": {"name": {"const": spec.name}}, "required": ["name"]},
+                "then": {"properties": {"parameters": dict(spec.parameters)}},
+            }
+            for spec in actionners
+        ],
+    }
+
+
 def rules_schema(actionners: ActionnerRegistry) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a rules file, with each actionner's parameters."""
-    names = [spec.name for spec in actionners]
-    per_actionner = [
-        {
-            "if": {"properties": {"name": {"const": spec.name}}, "required": ["name"]},
-            "then": {"properties": {"parameters": dict(spec.parameters)}},
-        }
-        for spec in actionners
-    ]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
@@ -158,88 +246,7 @@ def rules_schema(actionners: ActionnerRegistry) -> dict[str, Any]:
         "run `make schemas` after changing an actionner.",
         "type": ["array", "null"],
         "items": {"$ref": "#/$defs/rule"},
-        "$defs": {
-            "rule": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name", "action"],
-                "properties": {
-                    "name": {
-                        "type": "string",
-                        "minLength": 1,
-                        "description": "Unique across all rules files.",
-                    },
-                    "description": {"type": "string"},
-                    "match": {"$ref": "#/$defs/match"},
-                    "action": {"$ref": "#/$defs/action"},
-                    "continue": {
-                        "type": "boolean",
-                        "description": "false: when this rule matches, the other remaining "
-                        "(non-before) matched rules are skipped. Default: the actionner's.",
-                    },
-                    "before": {
-                        "type": "boolean",
-                        "description": "true: runs in the before-actions stage, ahead of the "
-                        "others. Default: the actionner's.",
-                    },
-                    "notifiers": {
-                        "type": "array",
-                        "items": {"type": "string", "minLength": 1},
-                        "description": "Notifiers that receive this rule's action results, "
-                        "in addition to defaultNotifiers.",
-                    },
-                },
-            },
-            "match": {
-                "type": ["object", "null"],
-                "additionalProperties": False,
-                "properties": {
-                    "rules": {
-                        "type": ["array", "null"],
-                        "items": {"type": "string", "minLength": 1},
-                        "description": "Falco rule names; the event's rule must be one of them.",
-                    },
-                    "priority": {
-                        "type": ["string", "null"],
-                        "pattern": PRIORITY_PATTERN,
-                        "errorMessage": "is not a priority: an optional comparator (>=, >, <=, "
-                        "<, =) and one of Debug, Informational, Notice, Warning, Error, "
-                        "Critical, Alert, Emergency",
-                    },
-                    "tags": {
-                        "type": ["array", "null"],
-                        "items": {
-                            "type": "string",
-                            "pattern": TAGS_PATTERN,
-                            "errorMessage": "is not a tag group: comma-separated non-empty tags",
-                        },
-                    },
-                    "output_fields": {
-                        "type": ["array", "null"],
-                        "items": {
-                            "type": "string",
-                            "pattern": OUTPUT_FIELDS_PATTERN,
-                            "errorMessage": "is not a condition group: comma-separated "
-                            "key=value or key!=value (quote a value that holds a comma)",
-                        },
-                    },
-                },
-            },
-            "action": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name"],
-                "properties": {
-                    "name": {
-                        "type": "string",
-                        "enum": names,
-                        "errorMessage": "is not a known actionner; known: " + ", ".join(names),
-                    },
-                    "parameters": {"type": ["object", "null"]},
-                },
-                "allOf": per_actionner,
-            },
-        },
+        "$defs": {"rule": RULE_SCHEMA, "match": MATCH_SCHEMA, "action": action_schema(actionners)},
     }
 
 
