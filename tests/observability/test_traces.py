@@ -17,11 +17,11 @@ from aiohttp.test_utils import TestClient
 
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.errors import PermanentError
+from engine.contract.notifiers import Notification, NotifierRegistry, notifier
 from engine.notify import DeliveryPolicy, Dispatcher
 from engine.pipeline import Pipeline
 from engine.rules import RulesLoader
 from engine.server import Service, create_app
-from engine.contract.notifiers import Notification, NotifierRegistry, notifier
 from observability.logging import JsonFormatter, TraceIds
 from observability.tracing import Tracing, TracingSettings
 from tests.conftest import FALCO_EVENT
