@@ -4,21 +4,21 @@ config ``falco-talon config`` shows, not in logs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from engine.config.settings import OPTIONS, Settings
+from engine.config.settings import OPTIONS, Option, Settings
 from engine.contract.notifiers import NotifierRegistry
 
 REDACTED = "********"
 
 
-def _secret_options() -> Iterator[tuple[str, str]]:
-    """(section key, key) of every secret key inside a section."""
+def _secret_options() -> Iterator[tuple[str, Option]]:
+    """(section key, option) of every secret key inside a section."""
     for section in OPTIONS.values():
         for option in section.fields:
             if option.secret:
-                yield section.key, option.key
+                yield section.key, option
 
 
 def secret_values(settings: Settings, notifiers: NotifierRegistry) -> list[str]:
@@ -35,10 +35,14 @@ def secret_values(settings: Settings, notifiers: NotifierRegistry) -> list[str]:
 
 def redact_message(text: str, notifiers: NotifierRegistry, raw: Mapping[str, Any]) -> str:
     """``text`` with every secret value found in the config mapping ``raw`` replaced."""
-    for section, key in _secret_options():
+    for section, option in _secret_options():
         values = raw.get(section)
-        value = values.get(key) if isinstance(values, Mapping) else None
-        for secret in value.values() if isinstance(value, Mapping) else (value,):
+        value = values.get(option.key) if isinstance(values, Mapping) else None
+        if isinstance(value, Mapping):
+            found: Iterable[Any] = value.values()
+        else:  # an object-valued secret given as something else is not a secret yet
+            found = () if option.schema.get("type") == "object" else (value,)
+        for secret in found:
             if secret:
                 text = text.replace(str(secret), REDACTED)
     for name, values in (raw.get("notifiers") or {}).items():
