@@ -16,9 +16,8 @@ def test_activate_makes_a_span_the_parent_of_children_and_restores_the_previous_
     assert ACTIVE.get() is None
     with activate(trace, outer):
         assert current_ids() == (f"{0xABC:032x}", f"{outer.span_id:016x}")
-        with activate(trace, inner):
-            with child("call") as span:
-                assert span.parent_id == inner.span_id
+        with activate(trace, inner), child("call") as span:
+            assert span.parent_id == inner.span_id
         assert ACTIVE.get() == (trace, outer)
         with child("call") as span:
             assert span.parent_id == outer.span_id
@@ -31,9 +30,8 @@ def test_activate_makes_a_span_the_parent_of_children_and_restores_the_previous_
 def test_activate_restores_the_previous_span_when_the_block_raises() -> None:
     trace = Trace(1, sampled=True)
     span = trace.start("state")
-    with pytest.raises(RuntimeError), activate(trace, span):
-        with child("call") as call:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), activate(trace, span), child("call") as call:
+        raise RuntimeError("boom")
     assert ACTIVE.get() is None
     assert call.error == "RuntimeError: boom"
     assert [name for name, _, _ in call.events] == ["exception"]
