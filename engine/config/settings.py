@@ -255,7 +255,7 @@ def config_schema(notifiers: NotifierRegistry) -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
         "title": "falco-talon configuration",
-        "description": "Generated from engine/config.py and the notifier registry: run "
+        "description": "Generated from engine/config/settings.py and the notifier registry: run "
         "`make schemas` after changing either.",
         "type": ["object", "null"],
         "additionalProperties": False,
