@@ -12,7 +12,6 @@ notifiers.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import jsonschema
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.notifiers import NotifierRegistry
 from engine.contract.priority import Priority, parse_priority, priority_names
+from engine.schema_errors import rule_message
 from engine.sourcemap import Document, PathKey, Position, SourceError, json_path, load_yaml
 
 SCHEMA_ID = "https://falco-talon.dev/schemas/rules.schema.json"
@@ -386,7 +386,7 @@ class RulesLoader:
             path: PathKey = tuple(err.absolute_path)
             key_error = "propertyNames" in err.relative_schema_path
             where = (*path, err.instance) if key_error else path
-            out.append(SourceError(doc.position(where), _describe(err), json_path(where)))
+            out.append(SourceError(doc.position(where), rule_message(err), json_path(where)))
         for i, item in enumerate(doc.value or ()):
             if not isinstance(item, dict):
                 continue
@@ -423,32 +423,3 @@ class RulesLoader:
             continue_set="continue" in item,
             before_set="before" in item,
         )
-
-
-def _describe(err: jsonschema.ValidationError) -> str:
-    """A message a person can act on, preferring the schema's own ``errorMessage``."""
-    custom = err.schema.get("errorMessage") if isinstance(err.schema, dict) else None
-    if custom and err.validator in ("pattern", "enum", "propertyNames", "type", "minimum"):
-        return f"{_show(err.instance)} {custom}"
-    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-        allowed = sorted(err.schema.get("properties", {}) if isinstance(err.schema, dict) else ())
-        extra = sorted(set(err.instance) - set(allowed))
-        return (
-            f"unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(allowed) or 'none'}"
-        )
-    if err.validator == "required":
-        return str(err.message).replace("is a required property", "is required")
-    if err.validator == "type":
-        expected = err.validator_value
-        expected = " or ".join(expected) if isinstance(expected, list) else expected
-        return f"{_show(err.instance)} must be {expected}"
-    return str(err.message)
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML: ``true``, ``null``, ``'text'``, ``3``."""
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (dict, list)):
-        return "an object" if isinstance(value, dict) else "a list"
-    return json.dumps(value)

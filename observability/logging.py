@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from observability.tracing import current_ids
+from observability.spans import current_ids
 
 FORMATS = ("color", "text", "json")
 

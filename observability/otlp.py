@@ -1,7 +1,8 @@
 """A small OTLP/protobuf encoder and sender for finished spans, used by the export process.
 
-Cross-cutting (part of ``observability.tracing``'s export path). The SDK's own exporter
-builds protobuf objects span by span (~65 µs a span here); writing the protobuf wire
+Cross-cutting (part of ``observability.tracing``'s export path; it runs in the export process,
+``observability.export``). The SDK's own exporter builds protobuf objects span by span
+(~65 µs a span here), so it is not used; writing the protobuf wire
 format directly from the recorded tuples costs a fraction of that, which is what lets
 tracing stay under a third of the engine's throughput. The message layout is
 ``opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest``; the tests decode this
@@ -11,22 +12,22 @@ transports. Sending: gRPC (``TraceService/Export``) or HTTP/protobuf (``/v1/trac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from engine.contract.retry import TRANSIENT_HTTP_STATUSES, Retried, RetryPolicy, retry
+from observability.attributes import attribute_name, bounded
+from observability.rows import Row
 
 log = logging.getLogger("falco_talon.otlp")
 
-Row = tuple[Any, ...]
-"""(trace id, remote parent, name, span id, parent id, start ns, end ns, SDK kind value,
-attributes, events, error): what ``observability.tracing`` ships to the export process."""
-
-MAX_STRING = 256
-
+EXPORT_RETRY = RetryPolicy(attempts=4, backoff=0.5)
+"""Four attempts in all, 0.5 s, 1 s, 2 s apart."""
 
 _SMALL = [bytes((i,)) for i in range(128)]
 
@@ -69,10 +70,7 @@ def _any_value(value: Any) -> bytes:
         return _key(4, 1) + struct.pack("<d", value)
     if isinstance(value, (list, tuple)):
         return _bytes(5, b"".join(_bytes(1, _any_value(v)) for v in value))
-    text = value if isinstance(value, str) else str(value)
-    if len(text) > MAX_STRING:
-        text = text[: MAX_STRING - 3] + "..."
-    return _string(1, text)
+    return _string(1, bounded(value if isinstance(value, str) else str(value)))
 
 
 _KV_CACHE: dict[tuple[int, str, Any, type], bytes] = {}
@@ -80,7 +78,7 @@ _KV_CACHE_SIZE = 65536
 
 
 def _key_value(field: int, key: str, value: Any) -> bytes:
-    data = _bytes(field, _string(1, key.replace("__", ".")) + _bytes(2, _any_value(value)))
+    data = _bytes(field, _string(1, attribute_name(key)) + _bytes(2, _any_value(value)))
     return data
 
 
@@ -158,7 +156,11 @@ def encode_request(rows: Iterable[Row], service_name: str, scope: str = "falco-t
 
 
 class OtlpSender:
-    """Sends encoded requests over gRPC or HTTP/protobuf, retrying transient failures."""
+    """Sends encoded requests over gRPC or HTTP/protobuf, retrying transient failures.
+
+    Retries follow :mod:`engine.contract.retry` (the policy and loop every caller shares),
+    run on an event loop of the sender's own: the export process has nothing else to do
+    while a request is out, so the loop simply blocks on each send."""
 
     GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -169,14 +171,15 @@ class OtlpSender:
         headers: Mapping[str, str],
         insecure: bool,
         timeout: float,
-        attempts: int = 4,
+        policy: RetryPolicy = EXPORT_RETRY,
     ) -> None:
         self.protocol = protocol
         self.headers = dict(headers)
         self.timeout = timeout
-        self.attempts = attempts
+        self.policy = policy
         self.endpoint = endpoint
         self._call: Any = None
+        self._loop = asyncio.Runner()
         if protocol == "grpc":
             import grpc
 
@@ -201,24 +204,24 @@ class OtlpSender:
             self.endpoint = url
 
     def send(self, body: bytes) -> bool:
-        delay = 0.5
-        for attempt in range(1, self.attempts + 1):
-            try:
-                self._send_once(body)
-                return True
-            except Exception as exc:  # retried, then reported; never raised to the caller
-                transient = _transient(exc)
-                if not transient or attempt == self.attempts:
-                    log.warning(
-                        "could not export spans to %s (%s: %s)",
-                        self._where(),
-                        type(exc).__name__,
-                        str(exc)[:200],
-                    )
-                    return False
-                time.sleep(delay)
-                delay *= 2
-        return False
+        """Send one request; False (and a warning logged) when it could not be delivered.
+        Never raises."""
+
+        async def once() -> None:
+            self._send_once(body)
+
+        try:
+            self._loop.run(retry(self.policy, once, _transient))
+        except Retried as failed:
+            exc = failed.error
+            log.warning(
+                "could not export spans to %s (%s: %s)",
+                self._where(),
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            return False
+        return True
 
     def _send_once(self, body: bytes) -> None:
         if self._call is not None:
@@ -239,13 +242,15 @@ class OtlpSender:
         return host.rsplit("@", 1)[-1]
 
     def close(self) -> None:
+        self._loop.close()
         if self._call is not None:
             self._channel.close()
 
 
 def _transient(exc: BaseException) -> bool:
+    """Worth retrying: a transient HTTP status, a network error, or a transient gRPC code."""
     if isinstance(exc, urllib.error.HTTPError):
-        return exc.code in (408, 429, 500, 502, 503, 504)
+        return exc.code in TRANSIENT_HTTP_STATUSES
     if isinstance(exc, (urllib.error.URLError, OSError, TimeoutError)):
         return True
     code = getattr(exc, "code", None)
@@ -253,8 +258,3 @@ def _transient(exc: BaseException) -> bool:
         name = getattr(code(), "name", "")
         return name in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
     return False
-
-
-def chunks(rows: Sequence[Row], size: int) -> Iterable[Sequence[Row]]:
-    for i in range(0, len(rows), size):
-        yield rows[i : i + size]

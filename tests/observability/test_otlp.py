@@ -10,7 +10,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.trace import SpanKind
 
 from observability.otlp import encode_request
-from observability.tracing import SpanRecord, _Converter, _row
+from observability.rows import to_row
+from observability.sdk import Converter
+from observability.spans import SpanRecord
 
 ATTRIBUTES = {
     "talon__rule": "kill",
@@ -47,9 +49,9 @@ def test_our_encoding_decodes_to_the_same_spans_as_the_sdk_encoding() -> None:
     trace_id, remote = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xABCD
     spans = records()
     ours = ExportTraceServiceRequest.FromString(
-        encode_request([_row(trace_id, remote, r) for r in spans], "falco-talon")
+        encode_request([to_row(trace_id, remote, r) for r in spans], "falco-talon")
     )
-    convert = _Converter("falco-talon")
+    convert = Converter("falco-talon")
     theirs = encode_spans([convert(trace_id, remote, r) for r in spans])
     mine = ours.resource_spans[0].scope_spans[0].spans
     ref = theirs.resource_spans[0].scope_spans[0].spans

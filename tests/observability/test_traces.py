@@ -1,6 +1,7 @@
 """Traces in a real Jaeger: one trace per event whose span tree answers "why did my actions
-run in this order?". Jaeger v2 runs from ``tests/env/jaeger.py``; spans leave through the
-SDK's real OTLP exporters."""
+run in this order?". Jaeger v2 runs from ``tests/env/jaeger.py``; spans leave the way they do
+in production: batched, piped to the export process, encoded by ``observability.otlp`` and
+sent over OTLP/gRPC or OTLP/HTTP."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ async def test_an_event_trace_shows_states_actions_skips_and_notifications_in_ja
     assert resp.status == 202
     await service.queue.join()
     await service.pipeline.dispatcher.drain(10)  # type: ignore[union-attr]
-    await service.stop()  # flushes the exporter
+    await service.stop()  # flushes the batches and ends the export process
 
     trace = jaeger.wait_for_trace(service_name, lambda t: len(t["spans"]) == 11, timeout=20)
     spans = by_name(trace)

@@ -1,0 +1,263 @@
+"""The settings: grouped frozen dataclasses, each field bound to its config key.
+
+A field's config binding is ``dataclasses.field`` metadata: ``key`` (the config key, whose
+environment variable is the key upper-cased) and ``schema`` (its JSON Schema, description
+included). A group is either *flat* (its fields are top-level keys: ``listenPort``) or a
+*section*: the :class:`Settings` field that holds it carries a ``key`` of its own and its
+fields are keys inside that section (``otel.samplingRatio``, environment
+``OTEL_SAMPLINGRATIO``). :data:`OPTIONS` lists every key; the schema, the environment
+layer, the build and the redaction are all derived from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from engine.contract.notifiers import NotifierRegistry
+from observability.settings import TracingSettings
+
+DEFAULT_CONFIG = "/etc/falco-talon/config.yaml"
+DEFAULT_RULES = "/etc/falco-talon/rules.yaml"
+SCHEMA_ID = "https://falco-talon.dev/schemas/config.schema.json"
+
+
+def _opt(key: str, default: Any, schema: dict[str, Any], help: str) -> Any:
+    """A settings field bound to config key ``key`` (env var ``key.upper()``)."""
+    factory = (lambda: type(default)(default)) if isinstance(default, (list, dict)) else None
+    meta = {"key": key, "schema": {**schema, "description": help}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The HTTP server that receives Falco events."""
+
+    listen_address: str = _opt(
+        "listenAddress", "0.0.0.0", {"type": "string"}, "Address to listen on."
+    )
+    listen_port: int = _opt(
+        "listenPort",
+        2803,
+        {"type": "integer", "minimum": 0, "maximum": 65535},
+        "Port to listen on.",
+    )
+    max_body_size: int = _opt(
+        "maxBodySize",
+        1 << 20,
+        {"type": "integer", "minimum": 1024},
+        "Largest accepted event body in bytes; larger ones get 413.",
+    )
+    queue_size: int = _opt(
+        "queueSize",
+        1000,
+        {"type": "integer", "minimum": 1},
+        "Events accepted but not yet processed; when full, POST gets 503.",
+    )
+    workers: int = _opt(
+        "workers", 16, {"type": "integer", "minimum": 1}, "Events processed concurrently."
+    )
+    shutdown_timeout: float = _opt(
+        "shutdownTimeout",
+        30.0,
+        {"type": "number", "minimum": 0},
+        "Seconds to finish in-flight events on SIGTERM.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RulesSettings:
+    """Where the rules come from."""
+
+    files: list[str] = _opt(
+        "rulesFile",
+        [DEFAULT_RULES],
+        {"type": ["string", "array"], "items": {"type": "string"}},
+        "Rules file(s) or directories, in order (a string or a list).",
+    )
+    watch: bool = _opt(
+        "watchRules",
+        True,
+        {"type": "boolean"},
+        "Reload the rules when a file changes (ConfigMap mounts included).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSettings:
+    """How actions run."""
+
+    dry_run: bool = _opt(
+        "dryRun", False, {"type": "boolean"}, "Plan and record every action, run none."
+    )
+    timeout: float = _opt(
+        "actionTimeout",
+        30.0,
+        {"type": "number", "exclusiveMinimum": 0},
+        "Seconds one action may take before it counts as failed.",
+    )
+    kube_config: str = _opt(
+        "kubeConfig",
+        "",
+        {"type": "string"},
+        "Kubeconfig file; empty: in-cluster config, else ~/.kube/config.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationSettings:
+    """Who hears about action results."""
+
+    default_notifiers: list[str] = _opt(
+        "defaultNotifiers",
+        [],
+        {"type": ["string", "array"], "items": {"type": "string"}},
+        "Notifiers that receive every action result.",
+    )
+    notifiers: dict[str, dict[str, Any]] = _opt(
+        "notifiers", {}, {"type": "object"}, "Settings per notifier, by notifier name."
+    )
+    timeout: float = _opt(
+        "notifierTimeout",
+        10.0,
+        {"type": "number", "exclusiveMinimum": 0},
+        "Seconds one notification send may take.",
+    )
+    attempts: int = _opt(
+        "notifierAttempts",
+        4,
+        {"type": "integer", "minimum": 1},
+        "Sends per notification before it is reported failed.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    """What logs look like."""
+
+    format: str = _opt(
+        "logFormat",
+        "color",
+        {"type": "string", "enum": ["color", "text", "json"]},
+        "color (terminal), text, or json (one object per line).",
+    )
+    level: str = _opt(
+        "logLevel",
+        "info",
+        {"type": "string", "enum": ["debug", "info", "warning", "error"]},
+        "Lowest level logged.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All settings, grouped."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    rules: RulesSettings = field(default_factory=RulesSettings)
+    actions: ActionSettings = field(default_factory=ActionSettings)
+    notifications: NotificationSettings = field(default_factory=NotificationSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tracing: TracingSettings = field(
+        default_factory=TracingSettings,
+        metadata={
+            "key": "otel",
+            "schema": {
+                "type": "object",
+                "description": "OpenTelemetry traces (OTLP). The standard "
+                "OTEL_EXPORTER_OTLP_* variables and OTEL_SERVICE_NAME are honoured too.",
+                "additionalProperties": False,
+            },
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One config key: where its value goes in :class:`Settings`, and how it is read."""
+
+    key: str
+    """The key in the config file (inside its section, for a section's field)."""
+    group: str
+    """The :class:`Settings` attribute of the group that holds the value."""
+    attr: str
+    """The group's attribute; empty for a section (its ``fields`` hold the values)."""
+    schema: dict[str, Any]
+    """The key's JSON Schema (a section's: without its ``properties``)."""
+    env: tuple[str, ...] = ()
+    """Standard variables read when the key's own variable is not set, first set wins."""
+    disabled_by: str = ""
+    """A variable that, set to ``true``, turns this boolean off."""
+    secret: bool = False
+    """Never shown: redacted from messages and from the effective config."""
+    fields: tuple[Option, ...] = ()
+    """A section's keys."""
+
+    @property
+    def is_list(self) -> bool:
+        """A string or a list of strings (``rulesFile``): a comma-separated string is split."""
+        return self.schema.get("type") == ["string", "array"]
+
+    def full_schema(self) -> dict[str, Any]:
+        """The key's JSON Schema, a section's keys included."""
+        if not self.fields:
+            return dict(self.schema)
+        return {**self.schema, "properties": {f.key: dict(f.schema) for f in self.fields}}
+
+
+def _option(group: str, f: Any, fields_: tuple[Option, ...] = ()) -> Option:
+    meta = f.metadata
+    return Option(
+        key=meta["key"],
+        group=group,
+        attr="" if fields_ else f.name,
+        schema=meta["schema"],
+        env=tuple(meta.get("env", ())),
+        disabled_by=meta.get("disabled_by", ""),
+        secret=bool(meta.get("secret", False)),
+        fields=fields_,
+    )
+
+
+GROUPS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Settings)}  # type: ignore[misc]
+"""Settings attribute -> its group's class (the same order as :class:`Settings`)."""
+
+
+def _options() -> dict[str, Option]:
+    out = {}
+    for group in fields(Settings):
+        members = fields(GROUPS[group.name])
+        if "key" in group.metadata:
+            option = _option(group.name, group, tuple(_option(group.name, f) for f in members))
+            out[option.key] = option
+            continue
+        for f in members:
+            out[f.metadata["key"]] = _option(group.name, f)
+    return out
+
+
+OPTIONS: dict[str, Option] = _options()
+"""Every top-level config key, in :class:`Settings` order."""
+
+
+def config_schema(notifiers: NotifierRegistry) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the config file, notifier settings included."""
+    props = {key: option.full_schema() for key, option in OPTIONS.items()}
+    props["notifiers"] = {
+        "type": "object",
+        "description": "Settings per notifier, by notifier name.",
+        "additionalProperties": False,
+        "properties": {spec.name: dict(spec.settings) for spec in notifiers},
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "falco-talon configuration",
+        "description": "Generated from engine/config/settings.py and the notifier registry: run "
+        "`make schemas` after changing either.",
+        "type": ["object", "null"],
+        "additionalProperties": False,
+        "properties": props,
+    }

@@ -1,0 +1,59 @@
+"""Recording spans: the active span (``activate``/``child``) and the ids log lines carry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from observability.spans import ACTIVE, NO_SPAN, Trace, activate, child, current_ids
+
+
+def test_activate_makes_a_span_the_parent_of_children_and_restores_the_previous_one() -> None:
+    trace = Trace(0xABC, sampled=True)
+    outer = trace.start("outer")
+    inner = trace.start("inner", outer)
+    assert ACTIVE.get() is None
+    with activate(trace, outer):
+        assert current_ids() == (f"{0xABC:032x}", f"{outer.span_id:016x}")
+        with activate(trace, inner), child("call") as span:
+            assert span.parent_id == inner.span_id
+        assert ACTIVE.get() == (trace, outer)
+        with child("call") as span:
+            assert span.parent_id == outer.span_id
+            assert current_ids() == (f"{0xABC:032x}", f"{span.span_id:016x}")
+        assert span.end_ns
+    assert ACTIVE.get() is None
+    assert current_ids() is None
+
+
+def test_activate_restores_the_previous_span_when_the_block_raises() -> None:
+    trace = Trace(1, sampled=True)
+    span = trace.start("state")
+    with pytest.raises(RuntimeError), activate(trace, span), child("call") as call:
+        raise RuntimeError("boom")
+    assert ACTIVE.get() is None
+    assert call.error == "RuntimeError: boom"
+    assert [name for name, _, _ in call.events] == ["exception"]
+
+
+async def test_activate_is_per_task() -> None:
+    trace = Trace(1, sampled=True)
+    a, b = trace.start("a"), trace.start("b")
+
+    async def under(span: object) -> object:
+        with activate(trace, a if span == "a" else b):
+            await asyncio.sleep(0)
+            current = ACTIVE.get()
+            return current[1] if current else None
+
+    assert await asyncio.gather(under("a"), under("b")) == [a, b]
+
+
+def test_child_outside_an_event_and_under_an_unsampled_trace_records_nothing() -> None:
+    with child("call") as span:
+        assert span is NO_SPAN
+    trace = Trace(1, sampled=False)
+    with activate(trace, NO_SPAN), child("call") as span:
+        assert span is NO_SPAN
+    assert trace.spans == []
