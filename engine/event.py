@@ -13,16 +13,16 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import fastjsonschema
 import orjson
 
 from engine.priority import Priority, parse_priority
+from engine.resources import schema_dir
 from engine.results import Target
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "event.schema.json"
+SCHEMA_PATH = schema_dir() / "event.schema.json"
 
 FieldValue = str | int | float | bool | None | list[Any]
 
