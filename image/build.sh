@@ -85,6 +85,13 @@ fi
 }
 bash "$ROOT/image/deps.sh"
 mkdir -p "$CACHE"
+# One build at a time per cache (the base rootfs and buildah's storage are shared).
+exec 9>"$CACHE/.build.lock"
+flock 9
+if [[ -s $OUT ]]; then # built meanwhile by the holder of the lock
+    echo "$OUT"
+    exit 0
+fi
 started=$(date +%s)
 
 # --- 1. base root filesystem, cached by suite + package list ---------------------------------
@@ -173,10 +180,28 @@ EOF
     # Only the Debian packages Python and TLS need, by dependency closure: no shell, no
     # coreutils, no awk, no package manager (apt, dpkg, debconf, perl), no openssl binary (libssl3 and
     # the CA bundle stay).
-    purge keep base-files base-passwd netbase ca-certificates python3 -- \
+    # libstdc++6: manylinux wheels link the policy's system libraries (grpc's cygrpc needs it).
+    purge keep base-files base-passwd netbase ca-certificates python3 libstdc++6 -- \
         openssl debconf perl-base dpkg apt mawk
     find "$R/usr/bin" "$R/usr/sbin" -lname '/etc/alternatives/*' -delete
     rm -rf "$R/etc/alternatives"
+    # Every compiled extension module loads: no shared library went with the purge.
+    chroot "$R" $VENV/bin/python - <<'EOF'
+import importlib, pathlib, sys
+site = pathlib.Path(sys.prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+bad = []
+for so in sorted(site.rglob("*.so")):
+    if ".libs" in so.parent.name or so.name.startswith("lib"):
+        continue  # a vendored library, not a module
+    name = ".".join(so.relative_to(site).with_suffix("").parts).split(".cpython")[0].split(".abi3")[0]
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        if "shared object" in str(exc):
+            bad.append(f"{name}: {exc}")
+if bad:
+    sys.exit("image: extension modules miss libraries:\n" + "\n".join(bad))
+EOF
     rm -rf "$R/var/lib/dpkg/info" "$R/var/lib/dpkg/"*-old "$R/var/lib/dpkg/triggers" \
         "$R/var/lib/dpkg/alternatives" "$R/var/lib/dpkg/updates" "$R/var/lib/dpkg/diversions" \
         "$R/var/lib/dpkg/statoverride" "$R/var/lib/dpkg/lock"* "$R/var/lib/dpkg/available" \
