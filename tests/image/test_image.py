@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import tarfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -229,3 +232,41 @@ def test_bytecode_comes_from_the_image_not_compiled_at_run_time(podman: list[str
         line for line in loaded if not line.endswith(".pyc'")
     ]
     assert len(loaded) > 500
+
+
+def test_the_server_serves_an_event_read_only_without_capabilities(podman: list[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"falco-talon-smoke-{port}"
+    base = podman[: podman.index("run")]
+    server = subprocess.Popen(
+        [*podman, "--name", name, "-v", f"{ROOT / 'examples'}:/rules:ro",
+         f"{REPOSITORY}:{_version()}", "server", "--dry-run", "-r", "/rules/rules.yaml",
+         "--listen-address", "127.0.0.1", "--listen-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(60):
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as resp:
+                    health = json.load(resp)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the server did not answer /healthz")
+        assert health["status"] == "ok" and health["dry_run"] is True
+        body = (ROOT / "examples" / "event.json").read_bytes()
+        request = urllib.request.Request(
+            url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert json.load(resp)["status"] == "accepted"
+    finally:
+        subprocess.run([*base, "stop", "-t", "10", name], check=False, capture_output=True)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, out
+    assert "dry run: nothing was touched" in out
+    assert "stopped" in out
