@@ -270,3 +270,16 @@ def test_the_server_serves_an_event_read_only_without_capabilities(podman: list[
     assert server.returncode == 0, out
     assert "dry run: nothing was touched" in out
     assert "stopped" in out
+
+
+def test_the_chart_deploys_this_image_by_default() -> None:
+    """values.yaml's repository + Chart.yaml's appVersion (the default tag) name this image."""
+    chart = (ROOT / "charts" / "falco-talon" / "Chart.yaml").read_text()
+    values = (ROOT / "charts" / "falco-talon" / "values.yaml").read_text()
+    app_version = next(
+        line.split(":", 1)[1].strip().strip('"')
+        for line in chart.splitlines()
+        if line.startswith("appVersion:")
+    )
+    assert app_version == _version()
+    assert f"  repository: {REPOSITORY.removeprefix('docker.io/')}\n" in values
