@@ -101,7 +101,9 @@ if [[ ! -s $BASE ]]; then
     mirror=$(debian_mirror)
     log "debootstrap $SUITE ($VARIANT + $BASE_PACKAGES) from $mirror (a few minutes, once)"
     tmp=$(mktemp -d "$CACHE/base-XXXXXX")
-    trap 'rm -rf "$tmp"' EXIT
+    # A failed debootstrap can leave /proc, /sys (or a bind-mounted /dev) mounted in the target:
+    # unmount what is under it first, and never let rm cross into another file system.
+    trap 'grep -o " $tmp/[^ ]*" /proc/mounts | sort -r | xargs -r umount -l; rm -rf --one-file-system "$tmp"' EXIT
     debootstrap --variant="$VARIANT" --include="$BASE_PACKAGES" "$SUITE" "$tmp/rootfs" "$mirror" \
         >"$tmp/debootstrap.log" 2>&1 || {
         tail -n 30 "$tmp/debootstrap.log" >&2
@@ -112,12 +114,12 @@ if [[ ! -s $BASE ]]; then
     tar -C "$tmp/rootfs" --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
         --numeric-owner -cf "$BASE.part" .
     mv "$BASE.part" "$BASE"
-    rm -rf "$tmp"
+    rm -rf --one-file-system "$tmp"
     trap - EXIT
 fi
 
 WORK=$(mktemp -d "$CACHE/work-XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf --one-file-system "$WORK"' EXIT
 R=$WORK/rootfs
 mkdir -p "$R"
 tar -C "$R" --numeric-owner -xf "$BASE"
@@ -254,7 +256,10 @@ fi
 source_url=$(git -C "$ROOT" remote get-url origin 2>/dev/null | sed 's/\.git$//' || true)
 [[ $source_url == https://* ]] || source_url=https://github.com/falco-talon/falco-talon
 c=$("${B[@]}" from --quiet scratch)
-cleanup() { "${B[@]}" rm "$c" >/dev/null 2>&1 || true; rm -rf "$WORK"; }
+cleanup() {
+    [[ -z $c ]] || "${B[@]}" rm "$c" >/dev/null 2>&1 || true
+    rm -rf --one-file-system "$WORK"
+}
 trap cleanup EXIT
 "${B[@]}" add --quiet "$c" "$WORK/rootfs.tar" / >/dev/null
 labels=(
