@@ -292,7 +292,7 @@ rm -f "$OUT.part"
 "${B[@]}" push --quiet "$REF" "oci-archive:$OUT.part:$REF"
 "${B[@]}" rmi "$REF" >/dev/null 2>&1 || true
 mv "$OUT.part" "$OUT"
-# Older archives of the same image go: the cache holds the newest build per image name.
-find "$CACHE" -maxdepth 1 -name "$NAME-*.oci.tar" ! -path "$OUT" -delete
+# Older archives of the same image go (and leftovers of interrupted pushes): the newest stays.
+find "$CACHE" -maxdepth 1 -name "$NAME-*.oci.tar*" ! -path "$OUT" -delete
 log "built $REF in $(($(date +%s) - started)) s: $(du -m "$OUT" | cut -f1) MB archive"
 echo "$OUT"
