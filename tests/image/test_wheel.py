@@ -19,7 +19,8 @@ import pytest
 pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).resolve().parents[2]
-UV = [sys.executable, "-m", "uv"] if shutil.which("uv") is None else ["uv"]
+# uv as the Makefile runs it (`python3 -m uv`) when no `uv` is on PATH.
+UV = [uv] if (uv := shutil.which("uv")) else [os.environ.get("PYTHON", "python3"), "-m", "uv"]
 
 
 def _run(*args: str | Path, cwd: Path = ROOT, **env: str) -> str:
