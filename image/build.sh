@@ -162,6 +162,10 @@ EOF
     ln -s $VENV/bin/falco-talon "$R/usr/local/bin/falco-talon"
     # kubernetes.aio, the client's asyncio twin, is 68 MB and unused (engine/kubeapi.py uses
     # the synchronous client in threads); nothing else imports it.
+    if grep -rqE 'kubernetes\.aio|from kubernetes import .*\baio\b' "$ROOT"/{engine,actionners,notifiers,observability}; then
+        echo "image: the code uses kubernetes.aio now: stop removing it in image/build.sh" >&2
+        exit 1
+    fi
     rm -rf "$SITE/kubernetes/aio"
     # Bytecode now, by the image's own interpreter: nothing is compiled or written at run time.
     # The project's packages keep their sources (tracebacks show lines) with unchecked-hash
