@@ -8,13 +8,18 @@ BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
-.PHONY: help install tools run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down jaeger
+.PHONY: help install tools run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down jaeger \
+	image image-demo
 
 help:
 	@echo "make run    - install, start the local control plane + demo workloads, serve examples/ on 127.0.0.1:2803"
 	@echo "make test   - install, then lint, type-check, layering, schemas, tests"
 	@echo "make bench  - throughput/latency/memory numbers as JSON"
 	@echo "make schemas - regenerate schemas/ from the code"
+	@echo "make cluster-up   - a real single-node cluster (containerd, kubelet, ...) running falco-talon from its chart; prints the env file (KUBECONFIG, TALON_URL)"
+	@echo "make cluster-down - stop it and remove its bridge, iptables chains, mounts and state"
+	@echo "make image  - OCI archive of falco-talon (no registry; see image/README.md); prints its path last"
+	@echo "make image-demo - OCI archive of the demo workload image; prints its path last"
 
 install: $(STAMP)
 
@@ -31,6 +36,20 @@ testenv-up: install
 
 testenv-down: install
 	$(BIN)/python -m tests.env.testenv down
+
+.PHONY: cluster-up cluster-down
+cluster-up: install
+	$(BIN)/python -m tests.env.cluster up
+
+cluster-down: install
+	$(BIN)/python -m tests.env.cluster down
+
+.PHONY: cluster-up cluster-down
+cluster-up: install
+	$(BIN)/python -m tests.env.cluster up
+
+cluster-down: install
+	$(BIN)/python -m tests.env.cluster down
 
 jaeger: install
 	$(BIN)/python -m tests.env.jaeger --state-dir "$${XDG_RUNTIME_DIR:-/tmp}/falco-talon-jaeger"
@@ -64,6 +83,13 @@ schemas: install
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# OCI archives built from Debian packages + uv.lock, cached by content; last line = archive path.
+image:
+	@bash image/build.sh talon
+
+image-demo:
+	@bash image/build.sh demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

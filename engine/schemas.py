@@ -9,13 +9,13 @@ fails when a committed file has drifted from the code.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from engine.config import config_schema
 from engine.plugins import load_plugins
+from engine.resources import schema_dir
 from engine.rules import rules_schema
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = schema_dir()
 
 
 def render_all() -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import fastjsonschema
@@ -21,8 +20,9 @@ import orjson
 
 from engine.contract.priority import Priority, parse_priority
 from engine.contract.results import Target
+from engine.resources import schema_dir
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "event.schema.json"
+SCHEMA_PATH = schema_dir() / "event.schema.json"
 
 FieldValue = str | int | float | bool | None | list[Any]
 

@@ -6,20 +6,27 @@
 #   tests/env/build.sh jaeger     Jaeger v2 all-in-one binary
 #   tests/env/build.sh kubelet    talon-kubelet, the test kubelet of tests/env/kubelet/
 #   tests/env/build.sh helm       helm v3 CLI (lint/template of charts/, tests/chart/)
+#   tests/env/build.sh node       kubelet, kube-scheduler, kube-controller-manager, kube-proxy
+#                                 (same k8s.io/kubernetes version and scratch module as k8s)
+#   tests/env/build.sh containerd containerd, ctr, containerd-shim-runc-v2
+#   tests/env/build.sh cni        CNI plugins bridge, host-local, loopback, portmap
 #
 # Binaries are cached outside the repository, in
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/k8s-<K8S_VERSION>-etcd-<ETCD_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/jaeger-<JAEGER_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/kubelet-<hash of its sources>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/helm-<HELM_VERSION>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/node-<K8S_VERSION>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/containerd-<CONTAINERD_VERSION>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/cni-<CNI_VERSION>/
 # A second run finds them there and returns at once. If KUBEBUILDER_ASSETS names
 # a directory holding kube-apiserver and etcd (as setup-envtest provides), that
 # directory is used and nothing is built.
 #
 # Progress goes to stderr; the last line on stdout is the bin directory.
 #
-# Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, HELM_VERSION, GO (the go
-# binary), GOPROXY, XDG_CACHE_HOME. (The kubelet's versions are pinned by
+# Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, HELM_VERSION,
+# CONTAINERD_VERSION, CNI_VERSION, GO (the go binary), GOPROXY, XDG_CACHE_HOME. (The kubelet's versions are pinned by
 # tests/env/kubelet/go.mod and go.sum, not by K8S_VERSION.)
 set -euo pipefail
 
@@ -27,6 +34,11 @@ K8S_VERSION="${K8S_VERSION:-v1.34.12}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+CONTAINERD_VERSION="${CONTAINERD_VERSION:-v2.4.2}"
+CNI_VERSION="${CNI_VERSION:-v1.10.0}"
+NODE_BINS=(kubelet kube-scheduler kube-controller-manager kube-proxy)
+CONTAINERD_BINS=(containerd ctr containerd-shim-runc-v2)
+CNI_BINS=(bridge host-local loopback portmap)
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KUBELET_SRC="$HERE/kubelet"
@@ -77,12 +89,24 @@ helm)
     BIN_DIR="$CACHE_ROOT/helm-$HELM_VERSION"
     have_bins "$BIN_DIR" helm && { echo "$BIN_DIR"; exit 0; }
     ;;
+node)
+    BIN_DIR="$CACHE_ROOT/node-$K8S_VERSION"
+    have_bins "$BIN_DIR" "${NODE_BINS[@]}" && { echo "$BIN_DIR"; exit 0; }
+    ;;
+containerd)
+    BIN_DIR="$CACHE_ROOT/containerd-$CONTAINERD_VERSION"
+    have_bins "$BIN_DIR" "${CONTAINERD_BINS[@]}" && { echo "$BIN_DIR"; exit 0; }
+    ;;
+cni)
+    BIN_DIR="$CACHE_ROOT/cni-$CNI_VERSION"
+    have_bins "$BIN_DIR" "${CNI_BINS[@]}" && { echo "$BIN_DIR"; exit 0; }
+    ;;
 -h|--help|help)
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    die "unknown target '$target' (expected: k8s, jaeger, kubelet, helm)"
+    die "unknown target '$target' (expected: k8s, jaeger, kubelet, helm, node, containerd, cni)"
     ;;
 esac
 
@@ -137,9 +161,10 @@ build_etcd() {
     "$BIN_DIR/etcd" --version >&2
 }
 
-build_kube_apiserver() {
-    [[ -x "$BIN_DIR/kube-apiserver" ]] && return 0
-    local dir="$SCRATCH/k8s" gomod minor patch staging
+# Writes into $1 a scratch go.mod requiring k8s.io/kubernetes $K8S_VERSION, and
+# sets K8S_LDFLAGS (version stamps).
+k8s_scratch_module() { # dir
+    local dir="$1" gomod minor patch staging p
     mkdir -p "$dir"
     [[ "$K8S_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] \
         || die "K8S_VERSION must look like v1.N.M, got $K8S_VERSION"
@@ -177,18 +202,68 @@ build_kube_apiserver() {
     } >"$dir/go.mod"
     log "scratch go.mod: $(grep -c '=>' "$dir/go.mod") staging replaces at $staging"
 
-    local ld="" p
+    K8S_LDFLAGS=""
     for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-        ld+=" -X $p.gitTreeState=clean -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        K8S_LDFLAGS+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+        K8S_LDFLAGS+=" -X $p.gitTreeState=clean -X $p.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     done
+}
+
+# Builds k8s.io/kubernetes/cmd/<name> for each name into $BIN_DIR.
+build_k8s_cmds() { # name...
+    local dir="$SCRATCH/k8s" c
+    local todo=()
+    for c in "$@"; do [[ -x "$BIN_DIR/$c" ]] || todo+=("$c"); done
+    ((${#todo[@]})) || return 0
+    k8s_scratch_module "$dir"
     (
         cd "$dir"
-        log "go get -tool k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION"
-        "$GO" get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION"
-        gobuild "$BIN_DIR/kube-apiserver" "$ld" k8s.io/kubernetes/cmd/kube-apiserver
+        for c in "${todo[@]}"; do
+            log "go get -tool k8s.io/kubernetes/cmd/$c@$K8S_VERSION"
+            "$GO" get -tool "k8s.io/kubernetes/cmd/$c@$K8S_VERSION"
+        done
+        for c in "${todo[@]}"; do
+            gobuild "$BIN_DIR/$c" "$K8S_LDFLAGS" "k8s.io/kubernetes/cmd/$c"
+        done
     )
-    "$BIN_DIR/kube-apiserver" --version >&2
+    for c in "${todo[@]}"; do "$BIN_DIR/$c" --version >&2; done
+}
+
+build_kube_apiserver() {
+    build_k8s_cmds kube-apiserver
+}
+
+build_node() {
+    build_k8s_cmds "${NODE_BINS[@]}"
+}
+
+# go install <module>/<pkg>@<version> for each package, into a temporary GOBIN
+# renamed into $BIN_DIR binary by binary.
+goinstall() { # ldflags module version pkg...
+    local ldflags="$1" mod="$2" ver="$3" p
+    shift 3
+    local tmp="$BIN_DIR/.gobin.$$"
+    mkdir -p "$tmp"
+    for p in "$@"; do
+        [[ -x "$BIN_DIR/$(basename "$p")" ]] && continue
+        log "go install $mod/$p@$ver"
+        GOBIN="$tmp" GOFLAGS="" "$GO" install -trimpath -ldflags="-s -w $ldflags" "$mod/$p@$ver"
+        mv -f "$tmp/$(basename "$p")" "$BIN_DIR/$(basename "$p")"
+    done
+    rm -rf "$tmp"
+}
+
+build_containerd() {
+    local m=github.com/containerd/containerd/v2
+    goinstall "-X $m/version.Version=$CONTAINERD_VERSION -X $m/version.Package=github.com/containerd/containerd/v2" \
+        "$m" "$CONTAINERD_VERSION" "${CONTAINERD_BINS[@]/#/cmd/}"
+    "$BIN_DIR/containerd" --version >&2
+}
+
+build_cni() {
+    local m=github.com/containernetworking/plugins
+    goinstall "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_VERSION" \
+        "$m" "$CNI_VERSION" plugins/main/bridge plugins/ipam/host-local plugins/main/loopback plugins/meta/portmap
 }
 
 build_jaeger() {
@@ -262,6 +337,15 @@ kubelet)
     ;;
 helm)
     build_helm
+    ;;
+node)
+    build_node
+    ;;
+containerd)
+    build_containerd
+    ;;
+cni)
+    build_cni
     ;;
 esac
 
