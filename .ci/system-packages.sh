@@ -41,7 +41,8 @@ echo "[system-packages] installing: ${missing[*]}" >&2
 SUDO=""
 [[ $(id -u) -eq 0 ]] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    $SUDO apt-get update -qq >/dev/null
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt_get() { $SUDO apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    apt_get update -qq >/dev/null
+    apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
