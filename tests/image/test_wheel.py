@@ -86,10 +86,10 @@ def test_the_installed_wheel_checks_rules_outside_the_repo(venv: Path, tmp_path:
 def test_the_schemas_come_from_the_package(venv: Path, tmp_path: Path) -> None:
     site = next((venv / "lib").glob("python3.*")) / "site-packages"
     probe = (
-        "import json, sys, engine, engine.event, engine.schemas, engine.resources\n"
-        "from engine.event import event_from_dict\n"
+        "import json, sys, engine, engine.contract.event, engine.schemas, engine.resources\n"
+        "from engine.contract.event import event_from_dict\n"
         "event_from_dict(json.load(open(sys.argv[1])))\n"
-        "print(engine.__file__, engine.resources.schema_dir(), engine.event.SCHEMA_PATH,"
+        "print(engine.__file__, engine.resources.schema_dir(), engine.contract.event.SCHEMA_PATH,"
         " engine.schemas.SCHEMA_DIR, sep='\\n')\n"
     )
     out = _run(venv / "bin" / "python", "-c", probe, ROOT / "examples" / "event.json", cwd=tmp_path)
