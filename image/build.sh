@@ -160,7 +160,7 @@ if __name__ == "__main__":
 EOF
     chmod 0755 "$R$VENV/bin/falco-talon"
     ln -s $VENV/bin/falco-talon "$R/usr/local/bin/falco-talon"
-    # kubernetes.aio, the client's asyncio twin, is 68 MB and unused (engine/kubeapi.py uses
+    # kubernetes.aio, the client's asyncio twin, is 68 MB and unused (engine/contract/kubeapi.py uses
     # the synchronous client in threads); nothing else imports it.
     if grep -rqE 'kubernetes\.aio|from kubernetes import .*\baio\b' "$ROOT"/{engine,actionners,notifiers,observability}; then
         echo "image: the code uses kubernetes.aio now: stop removing it in image/build.sh" >&2
