@@ -1,13 +1,14 @@
 """Hot reload, with a real file watcher on real files: a valid change is applied, an invalid
-one is refused while the old rules keep serving, and a ConfigMap-style ``..data`` symlink
-swap is seen."""
+one is refused (once per content) while the old rules keep serving, a ConfigMap-style
+``..data`` symlink swap is seen, and nothing else in the watched directory counts: not the
+server's own log (a real server process), not an editor's scratch files, not a touch."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from engine.contract.event import FalcoEvent
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
 from engine.rules import RulesLoader
+from observability.metrics import Metrics
 
 V1 = "- name: version one\n  action: {name: test:record}\n"
 V2 = "- name: version two\n  action: {name: test:record}\n"
@@ -31,11 +33,28 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
         await asyncio.sleep(0.02)
 
 
-async def start(paths: list[str], registry: ActionnerRegistry) -> tuple[Pipeline, RulesWatcher]:
+class CountingWatcher(RulesWatcher):
+    """A watcher that remembers each reload the file watcher asked for, and its changes."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.calls: list[list[str]] = []
+
+    def reload(self, changed: Iterable[str] = ()) -> bool:
+        paths = list(changed)
+        self.calls.append(paths)
+        return super().reload(paths)
+
+
+async def start(
+    paths: list[str], registry: ActionnerRegistry, debounce_ms: int = 50
+) -> tuple[Pipeline, CountingWatcher]:
     loader = RulesLoader(registry)
     ruleset = loader.load(paths)
     pipeline = Pipeline(ruleset, registry)
-    watcher = RulesWatcher(paths, loader, ruleset, pipeline.set_rules, debounce_ms=50)
+    watcher = CountingWatcher(
+        paths, loader, ruleset, pipeline.set_rules, debounce_ms=debounce_ms, metrics=Metrics()
+    )
     watcher.start()
     await watcher.ready.wait()
     await asyncio.sleep(0.2)  # let the inotify watch settle before the first change
@@ -128,5 +147,117 @@ async def test_events_in_flight_finish_with_the_rules_they_started_with(
         assert [s.rule.name for s in (await pipeline.process(make_event())).steps] == [
             "version two"
         ]
+    finally:
+        await watcher.stop()
+
+
+SCRATCH = ["srv.log", ".rules.yaml.swp", "rules.yaml~", ".#rules.yaml", "4913", "rules.yaml.tmp"]
+"""What else lands beside a rules file: a log, vim's swap, backup and probe files, emacs's
+lock, a generic temporary file."""
+
+
+async def test_other_files_in_the_watched_directory_do_nothing(
+    tmp_path: Path, registry: ActionnerRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(V1)
+    (tmp_path / "rules.d").mkdir()
+    (tmp_path / "rules.d" / "a.yaml").write_text(V2)
+    pipeline, watcher = await start([str(path), str(tmp_path / "rules.d")], registry)
+    try:
+        with caplog.at_level(logging.INFO):  # watchfiles says "all changes filtered out" at DEBUG
+            for round_ in range(5):
+                for name in SCRATCH:
+                    (tmp_path / name).write_text(f"scratch {round_}\n")
+                    (tmp_path / "rules.d" / name).write_text(f"scratch {round_}\n")
+                (tmp_path / "rules.d" / "notes.json").write_text("{}")
+                (tmp_path / "other.yaml").write_text(V2)  # not named, not in a rules dir
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+        assert watcher.calls == []
+        assert not [r for r in caplog.records if r.name.startswith(("falco_talon", "watchfiles"))]
+        assert names(pipeline) == ["version one", "version two"]
+    finally:
+        await watcher.stop()
+
+
+async def test_touching_a_rules_file_reloads_nothing_and_logs_nothing(
+    tmp_path: Path, registry: ActionnerRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(V1)
+    _, watcher = await start([str(path)], registry)
+    try:
+        with caplog.at_level(logging.DEBUG, "falco_talon.reload"):
+            path.touch()
+            path.write_text(V1)
+            await wait_for(lambda: len(watcher.calls) >= 1)
+            await asyncio.sleep(0.3)
+        assert (watcher.reloads, watcher.rejected) == (0, 0)
+        assert not [r for r in caplog.records if r.name == "falco_talon.reload"]
+    finally:
+        await watcher.stop()
+
+
+async def test_a_burst_of_writes_is_one_reload(tmp_path: Path, registry: ActionnerRegistry) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(V1)
+    pipeline, watcher = await start([str(path)], registry, debounce_ms=400)
+    try:
+        # An editor's save: probe file, backup by rename, write in pieces, chmod.
+        (tmp_path / "4913").write_text("")
+        (tmp_path / "4913").unlink()
+        os.rename(path, tmp_path / "rules.yaml~")
+        with path.open("w") as f:
+            for line in V2.splitlines(keepends=True):
+                f.write(line)
+                f.flush()
+        path.chmod(0o644)
+        (tmp_path / "rules.yaml~").unlink()
+        await wait_for(lambda: names(pipeline) == ["version two"])
+        await asyncio.sleep(0.6)
+        assert len(watcher.calls) == 1
+        assert watcher.reloads == 1
+    finally:
+        await watcher.stop()
+
+
+def reload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "falco_talon.reload"]
+
+
+async def test_a_broken_save_is_reported_once_per_content_and_the_fix_reloads(
+    tmp_path: Path, registry: ActionnerRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(V1)
+    pipeline, watcher = await start([str(path)], registry)
+    metrics = watcher.metrics
+    assert metrics is not None
+    try:
+        with caplog.at_level(logging.INFO, "falco_talon.reload"):
+            path.write_text("- name: broken\n  action: {name: test:record\n")  # YAML error
+            await wait_for(lambda: len(watcher.calls) == 1)
+            path.write_text("- name: broken\n  action: {name: test:record\n")  # the same again
+            await wait_for(lambda: len(watcher.calls) == 2)
+            path.write_text(BROKEN)  # another error: said too
+            await wait_for(lambda: len(watcher.calls) == 3)
+            path.write_text(BROKEN)
+            await wait_for(lambda: len(watcher.calls) == 4)
+            assert names(pipeline) == ["version one"]
+            path.write_text(V2)
+            await wait_for(lambda: names(pipeline) == ["version two"])
+        lines = reload_lines(caplog)
+        assert len(lines) == 3, lines
+        assert lines[0].startswith("rules reload rejected, the previous rules keep serving:")
+        assert f"{path}:3:1: YAML syntax error" in lines[0]
+        assert f"{path}:2:18: 'test:nope' is not a known actionner" in lines[1]
+        assert lines[2] == "rules reloaded"
+        assert caplog.records[-1].fields["rules"] == 1  # type: ignore[attr-defined]
+        assert caplog.records[-1].fields["changed"] == "rules.yaml"  # type: ignore[attr-defined]
+        assert (watcher.rejected, watcher.reloads) == (2, 1)
+        body = metrics.render().decode()
+        assert 'falco_talon_rules_reloads_total{result="rejected"} 2.0' in body
+        assert 'falco_talon_rules_reloads_total{result="succeeded"} 1.0' in body
     finally:
         await watcher.stop()
