@@ -66,9 +66,7 @@ class RulesPaths:
         if p.name == CONFIGMAP_DATA:
             return p.parent in self.dirs
         return (
-            p.parent in self.rule_dirs
-            and p.suffix in RULES_SUFFIXES
-            and not p.name.startswith(".")
+            p.parent in self.rule_dirs and p.suffix in RULES_SUFFIXES and not p.name.startswith(".")
         )
 
     def watch_filter(self, _change: watchfiles.Change, path: str) -> bool:
@@ -164,9 +162,7 @@ class RulesWatcher:
             log.error(
                 "rules reload rejected, the previous rules keep serving:\n%s",
                 exc,
-                extra={
-                    "fields": {"changed": what, "checksum": content, "serving": self.checksum}
-                },
+                extra={"fields": {"changed": what, "checksum": content, "serving": self.checksum}},
             )
             return False
         self._rejected_checksum = None

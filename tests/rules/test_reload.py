@@ -6,8 +6,15 @@ server's own log (a real server process), not an editor's scratch files, not a t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,7 +24,7 @@ from engine.contract.actionners import ActionnerRegistry
 from engine.contract.event import FalcoEvent
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
-from engine.rules import RulesLoader
+from engine.rules import RulesLoader, checksum
 from observability.metrics import Metrics
 
 V1 = "- name: version one\n  action: {name: test:record}\n"
@@ -261,3 +268,86 @@ async def test_a_broken_save_is_reported_once_per_content_and_the_fix_reloads(
         assert 'falco_talon_rules_reloads_total{result="succeeded"} 1.0' in body
     finally:
         await watcher.stop()
+
+
+# -- the server process, its log written beside its rules ---------------------------------------
+
+SERVER_RULES = "- name: Terminate\n  action: {name: kubernetes:terminate}\n"
+SERVER_RULES_V2 = SERVER_RULES + "- name: Labelize\n  action: {name: kubernetes:labelize}\n"
+SERVER_BROKEN = "- name: Terminate\n  action: {name: kubernetes:terminate\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def poll(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_a_server_logging_into_its_rules_directory_reloads_only_on_rules_changes(
+    tmp_path: Path,
+) -> None:
+    rules, config, log = tmp_path / "rules.yaml", tmp_path / "cfg.yaml", tmp_path / "srv.log"
+    rules.write_text(SERVER_RULES)
+    port = free_port()
+    config.write_text(
+        f"listenAddress: 127.0.0.1\nlistenPort: {port}\nwatchRules: true\ndryRun: true\n"
+        "logFormat: text\n"
+    )
+    exe = Path(sys.executable).with_name("falco-talon")
+    # Exactly what a new user types: the shell sends stdout and stderr to a file beside the rules.
+    cmd = f"exec {shlex.quote(str(exe))} server -c {config} -r {rules} > {log} 2>&1"
+    server = subprocess.Popen(cmd, shell=True, cwd=tmp_path)
+    try:
+        poll(lambda: log.exists() and "listening" in log.read_text())
+
+        def health() -> dict[str, object]:
+            return dict(json.loads(get(port, "/healthz")))
+
+        first = health()["rules_checksum"]
+        assert first == checksum([(str(rules), SERVER_RULES)])
+        assert f'falco_talon_rules_info{{checksum="{first}"}} 1.0' in get(port, "/metrics")
+        settled = log.read_text()
+        time.sleep(5)
+        assert log.read_text() == settled  # no feedback loop: not one line in 5 s
+
+        def said(text: str) -> int:
+            return log.read_text().count(text)
+
+        rules.write_text(SERVER_BROKEN)
+        poll(lambda: said("rules reload rejected") == 1)
+        assert f"{rules}:3:1: YAML syntax error" in log.read_text()
+        assert health()["rules_checksum"] == first
+        body = get(port, "/metrics")
+        assert f'falco_talon_rules_info{{checksum="{first}"}} 1.0' in body
+        assert 'falco_talon_rules_reloads_total{result="rejected"} 1.0' in body
+        rules.write_text(SERVER_BROKEN)  # saved again, unchanged: nothing more is said
+        time.sleep(2)
+        assert said("rules reload rejected") == 1
+        rules.write_text(SERVER_RULES_V2)
+        poll(lambda: said("rules reloaded") == 1)
+        second = health()["rules_checksum"]
+        assert second == checksum([(str(rules), SERVER_RULES_V2)]) != first
+        assert health()["rules"] == 2
+        body = get(port, "/metrics")
+        assert f'falco_talon_rules_info{{checksum="{second}"}} 1.0' in body
+        assert first not in body
+        assert 'falco_talon_rules_reloads_total{result="succeeded"} 1.0' in body
+        assert 'falco_talon_rules_reloads_total{result="rejected"} 1.0' in body
+        lines = log.read_text().splitlines()
+        assert not [ln for ln in lines if "change detected" in ln or "changes detected" in ln]
+    finally:
+        server.terminate()
+        server.wait(30)
