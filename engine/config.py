@@ -30,6 +30,13 @@ DEFAULT_CONFIG = "/etc/falco-talon/config.yaml"
 DEFAULT_RULES = "/etc/falco-talon/rules.yaml"
 SCHEMA_ID = "https://falco-talon.dev/schemas/config.schema.json"
 REDACTED = "********"
+TRACE_URL_PATTERN = r"^$|^https?://[^\s/{}]+[^\s]*\{trace_id\}[^\s]*$"
+"""``traceUrl``: empty, or an http(s) URL with a host and ``{trace_id}`` somewhere after it."""
+_PATTERN_PROBLEMS = {
+    "traceUrl": "must be an http(s) URL containing {trace_id}, such as "
+    "https://jaeger.example.com/trace/{trace_id}",
+}
+"""What a key's ``pattern`` means, said instead of the bare regular expression."""
 
 
 def _opt(key: str, default: Any, schema: dict[str, Any], help: str) -> Any:
@@ -140,6 +147,13 @@ class NotificationSettings:
         4,
         {"type": "integer", "minimum": 1},
         "Sends per notification before it is reported failed.",
+    )
+    trace_url: str = _opt(
+        "traceUrl",
+        "",
+        {"type": "string", "pattern": TRACE_URL_PATTERN},
+        "Link every notification to its trace: an http(s) URL containing {trace_id}, "
+        "e.g. https://jaeger.example.com/trace/{trace_id}; empty: no link.",
     )
 
 
@@ -364,6 +378,8 @@ def _problems(err: jsonschema.ValidationError) -> list[tuple[tuple[Any, ...], st
             hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
             out.append(((*path, extra), f"unknown key {extra!r}{hint}"))
         return out
+    if err.validator == "pattern" and len(path) == 1 and path[0] in _PATTERN_PROBLEMS:
+        return [(path, f"{path[0]} {_PATTERN_PROBLEMS[str(path[0])]}, got {err.instance!r}")]
     if err.validator == "type":
         expected = err.validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected
