@@ -124,6 +124,31 @@ async def test_a_configmap_symlink_swap_is_seen(
         await watcher.stop()
 
 
+async def test_a_configmap_mounted_as_a_rules_directory_is_seen_once_per_swap(
+    tmp_path: Path, registry: ActionnerRegistry
+) -> None:
+    # The chart's layout: -r names the mount; its files are links through ..data.
+    mount = tmp_path / "rules"
+    mount.mkdir()
+    (mount / "..v1").mkdir()
+    (mount / "..v1" / "00-rules.yaml").write_text(V1)
+    os.symlink("..v1", mount / "..data")
+    os.symlink("..data/00-rules.yaml", mount / "00-rules.yaml")
+    pipeline, watcher = await start([str(mount)], registry, debounce_ms=400)
+    try:
+        (mount / "..v2").mkdir()
+        (mount / "..v2" / "00-rules.yaml").write_text(V2)
+        os.symlink("..v2", mount / "..data_tmp")
+        os.rename(mount / "..data_tmp", mount / "..data")
+        (mount / "..v1" / "00-rules.yaml").unlink()
+        (mount / "..v1").rmdir()
+        await wait_for(lambda: names(pipeline) == ["version two"])
+        await asyncio.sleep(0.6)
+        assert (len(watcher.calls), watcher.reloads) == (1, 1)
+    finally:
+        await watcher.stop()
+
+
 async def test_a_rules_directory_picks_up_a_new_file(
     tmp_path: Path, registry: ActionnerRegistry
 ) -> None:
