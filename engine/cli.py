@@ -156,6 +156,7 @@ async def _serve(settings: Settings) -> None:
         DeliveryPolicy(timeout=n.timeout, retry=RetryPolicy(attempts=n.attempts, backoff=1.0)),
         tracing=tracing,
         metrics=metrics,
+        trace_url=n.trace_url,
     )
     pipeline = Pipeline(
         ruleset,

@@ -70,8 +70,11 @@ class Dispatcher:
         policy: DeliveryPolicy = DeliveryPolicy(),
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
+        trace_url: str = "",
     ) -> None:
         self.notifiers = notifiers
+        self.trace_url = trace_url
+        """The ``traceUrl`` template (``...{trace_id}...``); empty: notifications link nowhere."""
         self.tracing = tracing
         self.metrics = metrics
         self.settings = settings
@@ -85,6 +88,7 @@ class Dispatcher:
         self, run: EventRun, trace: Trace = NO_TRACE, parent: SpanRecord | None = None
     ) -> None:
         """Queue every delivery of ``run``; never waits. Send spans go under ``parent``."""
+        trace_url = self.link(run.trace_id, trace)
         for d in run.deliveries:
             result = d.step.result
             if result is None:
@@ -96,6 +100,7 @@ class Dispatcher:
                 stage=d.step.stage.value,
                 result=result,
                 trace_id=run.trace_id,
+                trace_url=trace_url,
             )
             queue = self._queue(d.notifier)
             try:
@@ -107,6 +112,13 @@ class Dispatcher:
                     d.notifier,
                     fields={"notifier": d.notifier, "rule": note.rule},
                 )
+
+    def link(self, trace_id: str, trace: Trace) -> str:
+        """The ``traceUrl`` of ``trace_id``, or "" when there is no template or the trace is
+        not recorded (a link to a trace that was never exported leads nowhere)."""
+        if not self.trace_url or not trace_id or not trace.sampled:
+            return ""
+        return self.trace_url.replace("{trace_id}", trace_id)
 
     def _count(self, name: str, outcome: str) -> None:
         self.stats[(name, outcome)] += 1

@@ -1,26 +1,42 @@
 """Hot reload of the rules files.
 
-Position in the flow: beside the pipeline; swaps its rule set when a file changes.
+Position in the flow: beside the pipeline; swaps its rule set when a rules file changes.
 
 The watcher watches the *directories* holding the rules files, not the files: a Kubernetes
 ConfigMap mount replaces its files by swapping a ``..data`` symlink, which a watch on the
-file itself never sees (the original project's reload never fired there). Any change
-reloads every file; a rule set with the same content digest changes nothing; an invalid
-one is rejected with the same errors as ``falco-talon check`` and the old rules keep serving.
+file itself never sees (the original project's reload never fired there). Only changes that
+concern the rules count (:class:`RulesPaths`): a file named by ``-r``/``rulesFile``, a
+``*.yaml``/``*.yml`` file in a directory so named, and the ``..data`` swap; a log file,
+an editor's swap or backup files and anything else in those directories are ignored, so
+the server writing its log beside its rules cannot feed the watcher. A burst of changes
+(an editor's save, a ConfigMap swap) is one reload.
+
+A reload reads every file and compares the :func:`~engine.rules.checksum` of their
+content with the serving rules': the same content (a ``touch``) changes nothing and logs
+nothing. New content is validated like ``falco-talon check``; valid, it replaces the
+serving rules (``rules reloaded``); invalid, it is rejected with every error and the
+previous rules keep serving. A rejection is logged once per distinct content: saving the
+same broken file again says nothing more. ``falco_talon_rules_reloads_total{result}``
+counts both outcomes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import watchfiles
 
-from engine.rules import RuleSet, RulesInvalid, RulesLoader
+from engine.rules import RuleSet, RulesInvalid, RulesLoader, checksum, read_sources
+from observability.metrics import Metrics
 
 log = logging.getLogger("falco_talon.reload")
+
+RULES_SUFFIXES = (".yaml", ".yml")
+CONFIGMAP_DATA = "..data"
+"""The symlink a ConfigMap mount swaps atomically to publish new content."""
 
 
 def watched_dirs(paths: Sequence[str]) -> list[Path]:
@@ -34,6 +50,30 @@ def watched_dirs(paths: Sequence[str]) -> list[Path]:
     return dirs
 
 
+class RulesPaths:
+    """Which changed paths concern the rules ``paths`` (files and directories) stand for."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.dirs = watched_dirs(paths)
+        self.files = {p.absolute() for p in map(Path, paths) if not p.is_dir()}
+        self.rule_dirs = {p.absolute() for p in map(Path, paths) if p.is_dir()}
+
+    def concerns(self, path: str | Path) -> bool:
+        """A named file, a rules file of a named directory, or a ConfigMap's ``..data``."""
+        p = Path(path).absolute()
+        if p in self.files:
+            return True
+        if p.name == CONFIGMAP_DATA:
+            return p.parent in self.dirs
+        return (
+            p.parent in self.rule_dirs and p.suffix in RULES_SUFFIXES and not p.name.startswith(".")
+        )
+
+    def watch_filter(self, _change: watchfiles.Change, path: str) -> bool:
+        """``concerns`` in the shape watchfiles wants."""
+        return self.concerns(path)
+
+
 class RulesWatcher:
     """Reloads rules on change and hands valid new rule sets to ``apply``."""
 
@@ -44,19 +84,26 @@ class RulesWatcher:
         current: RuleSet,
         apply: Callable[[RuleSet], None],
         *,
-        debounce_ms: int = 200,
+        debounce_ms: int = 400,
         force_polling: bool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.paths = list(paths)
+        self.rules_paths = RulesPaths(self.paths)
         self.loader = loader
-        self.digest = current.digest
+        self.checksum = current.checksum
+        """The serving rules' checksum."""
         self.apply = apply
         self.debounce_ms = debounce_ms
+        """Longest a burst of changes is gathered into one reload."""
         self.force_polling = force_polling
+        self.metrics = metrics
+        """Where reloads are counted (the service sets its own when None)."""
         self.reloads = 0
         """Rule sets applied since start."""
         self.rejected = 0
-        """Invalid rule sets refused since start."""
+        """Distinct invalid rule sets refused since start."""
+        self._rejected_checksum: str | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -73,35 +120,69 @@ class RulesWatcher:
                 self._task.cancel()
 
     async def _run(self) -> None:
-        dirs = [str(d) for d in watched_dirs(self.paths)]
+        dirs = [str(d) for d in self.rules_paths.dirs]
         log.info("watching rules", extra={"fields": {"dirs": ",".join(dirs)}})
         self.ready.set()
         try:
-            async for _changes in watchfiles.awatch(
+            async for changes in watchfiles.awatch(
                 *dirs,
-                watch_filter=None,
+                watch_filter=self.rules_paths.watch_filter,
                 debounce=self.debounce_ms,
-                step=20,
+                step=min(50, self.debounce_ms),
                 stop_event=self._stop,
                 recursive=False,
                 force_polling=self.force_polling,
             ):
-                self.reload()
+                self.reload(path for _, path in changes)
         except Exception:
             log.exception("the rules watcher stopped; rules will no longer reload")
 
-    def reload(self) -> bool:
-        """Reload now; True when a new rule set was applied."""
+    def reload(self, changed: Iterable[str] = ()) -> bool:
+        """Reload now; True when a new rule set was applied. ``changed``: the paths whose
+        change prompted it, for the log."""
+        what = ",".join(sorted({Path(p).name for p in changed}))
+        sources, read_errors = read_sources(self.paths)
+        content = checksum(sources)
+        if content == self.checksum and not read_errors:
+            if self._rejected_checksum is not None:
+                self._rejected_checksum = None
+                log.info(
+                    "rules valid again, the same as the serving rules",
+                    extra={"fields": {"changed": what, "checksum": content}},
+                )
+            return False
+        if content == self._rejected_checksum:
+            return False  # the same broken content: rejected and said so already
         try:
-            ruleset = self.loader.load(self.paths)
+            ruleset = self.loader.load_texts(sources, read_errors)
         except RulesInvalid as exc:
+            self._rejected_checksum = content
             self.rejected += 1
-            log.error("rules reload rejected, the previous rules keep serving:\n%s", exc)
+            self._count("rejected")
+            log.error(
+                "rules reload rejected, the previous rules keep serving:\n%s",
+                exc,
+                extra={"fields": {"changed": what, "checksum": content, "serving": self.checksum}},
+            )
             return False
-        if ruleset.digest == self.digest:
-            return False
-        self.digest = ruleset.digest
+        self._rejected_checksum = None
+        previous, self.checksum = self.checksum, ruleset.checksum
         self.apply(ruleset)
         self.reloads += 1
-        log.info("rules reloaded", extra={"fields": {"rules": len(ruleset.rules)}})
+        self._count("succeeded")
+        log.info(
+            "rules reloaded",
+            extra={
+                "fields": {
+                    "changed": what,
+                    "rules": len(ruleset.rules),
+                    "checksum": ruleset.checksum,
+                    "previous": previous,
+                }
+            },
+        )
         return True
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rules_reload(result)

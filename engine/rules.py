@@ -122,8 +122,9 @@ class RuleSet:
 
     rules: tuple[Rule, ...] = ()
     files: tuple[str, ...] = ()
-    digest: str = ""
-    """Hash of the files' contents: a reload with the same digest changes nothing."""
+    checksum: str = ""
+    """:func:`checksum` of the files it was loaded from: a reload with the same checksum
+    changes nothing; ``/healthz`` and ``falco_talon_rules_info`` show it."""
 
 
 class RulesInvalid(Exception):
@@ -316,6 +317,32 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+Sources = list[tuple[str, str]]
+"""(path, text) of each rules file, in load order."""
+
+
+def read_sources(paths: Iterable[str | Path]) -> tuple[Sources, list[SourceError]]:
+    """The text of every rules file ``paths`` stand for, and an error for each unreadable one."""
+    sources: Sources = []
+    errors: list[SourceError] = []
+    for f in expand_paths(paths):
+        try:
+            sources.append((str(f), f.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            errors.append(SourceError(Position(str(f), 1, 1), f"cannot read rules file: {reason}"))
+    return sources, errors
+
+
+def checksum(sources: Sequence[tuple[str, str]]) -> str:
+    """Which rules these are: sha256 over each file's path and text in load order, the first
+    16 hex digits. The one definition behind ``RuleSet.checksum``, reload and ``/healthz``."""
+    digest = hashlib.sha256()
+    for file, text in sources:
+        digest.update(file.encode() + b"\0" + text.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 class RulesLoader:
     """Validates and builds rule sets against one actionner (and optionally notifier) registry."""
 
@@ -331,19 +358,8 @@ class RulesLoader:
 
     def load(self, paths: Iterable[str | Path]) -> RuleSet:
         """Load every file; raise :class:`RulesInvalid` listing every error in every file."""
-        files = expand_paths(paths)
-        sources: list[tuple[str, str]] = []
-        errors: list[SourceError] = []
-        for f in files:
-            try:
-                sources.append((str(f), f.read_text(encoding="utf-8")))
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                errors.append(
-                    SourceError(Position(str(f), 1, 1), f"cannot read rules file: {reason}")
-                )
-        ruleset = self.load_texts(sources, errors)
-        return ruleset
+        sources, errors = read_sources(paths)
+        return self.load_texts(sources, errors)
 
     def load_texts(
         self, sources: Sequence[tuple[str, str]], errors: list[SourceError] | None = None
@@ -351,9 +367,7 @@ class RulesLoader:
         errors = errors if errors is not None else []
         rules: list[Rule] = []
         seen: dict[str, Position] = {}
-        digest = hashlib.sha256()
         for file, text in sources:
-            digest.update(file.encode() + b"\0" + text.encode() + b"\0")
             doc = load_yaml(text, file)
             errors.extend(doc.errors)
             if doc.errors:
@@ -378,7 +392,7 @@ class RulesLoader:
                 rules.append(self._build(item, doc.position((i,))))
         if errors:
             raise RulesInvalid(errors)
-        return RuleSet(tuple(rules), tuple(f for f, _ in sources), digest.hexdigest())
+        return RuleSet(tuple(rules), tuple(f for f, _ in sources), checksum(sources))
 
     def _validate(self, doc: Document) -> list[SourceError]:
         out = []

@@ -54,6 +54,10 @@ def config_problems(err: jsonschema.ValidationError) -> list[Problem]:
         return [
             (path, f"must be {_expected(err)}, got {type(err.instance).__name__} {err.instance!r}")
         ]
+    custom = err.schema.get("errorMessage") if isinstance(err.schema, dict) else None
+    if custom and err.validator == "pattern" and path:
+        # Said in words (the schema's errorMessage) instead of the bare regular expression.
+        return [(path, f"{path[-1]} {custom}, got {err.instance!r}")]
     return [(path, err.message)]
 
 

@@ -6,7 +6,8 @@ Position in the flow: **HTTP** -> event model -> matcher -> state machine -> ...
 workers drives each queued event through the pipeline. Every reply has a JSON body. The
 request is the root span of the event's trace (a ``traceparent`` header is continued).
 A full queue answers 503 with ``Retry-After`` rather than dropping the event; a body over
-``maxBodySize`` answers 413. ``GET /healthz`` answers 200. SIGTERM stops accepting (503),
+``maxBodySize`` answers 413. ``GET /healthz`` answers 200 with the serving rules' count and
+checksum. SIGTERM stops accepting (503),
 finishes the events in flight within ``shutdownTimeout``, then exits. ``GET /metrics``
 serves the Prometheus metrics.
 """
@@ -63,6 +64,9 @@ class Service:
             pipeline.dispatcher.tracing = self.tracing
             pipeline.dispatcher.metrics = self.metrics
         self.metrics.watch(self.queue.qsize, lambda: self.in_flight)
+        self.metrics.watch_rules(lambda: self.pipeline.compiled.ruleset.checksum)
+        if watcher is not None and watcher.metrics is None:
+            watcher.metrics = self.metrics
         self.workers = workers
         self.max_body_size = max_body_size
         self.shutdown_timeout = shutdown_timeout
@@ -132,6 +136,7 @@ class Service:
             "status": "ok" if self.accepting else "stopping",
             "version": __version__,
             "rules": len(self.pipeline.compiled.ruleset.rules),
+            "rules_checksum": self.pipeline.compiled.ruleset.checksum,
             "dry_run": self.pipeline.dry_run,
             "queue": self.queue.qsize(),
             "in_flight": self.in_flight,
@@ -267,6 +272,7 @@ async def serve(service: Service, host: str, port: int) -> None:
             "fields": {
                 "address": f"{host}:{port}",
                 "rules": len(service.pipeline.compiled.ruleset.rules),
+                "rules_checksum": service.pipeline.compiled.ruleset.checksum,
                 "dry_run": service.pipeline.dry_run,
             }
         },

@@ -5,8 +5,9 @@ Position in the flow: ... -> actionners -> **notifiers** (the last stage).
 Creates a core/v1 Event in the target pod's namespace whose ``involvedObject`` names the
 pod with its ``uid``, so ``kubectl describe pod``, ``kubectl get events`` and tools such as
 Argo CD show it next to the pod. ``reason`` names the action and its outcome
-(``TerminateSucceeded``), ``type`` is Warning for a failure and Normal otherwise. Needs no
-configuration; uses the engine's shared Kubernetes client.
+(``TerminateSucceeded``), ``type`` is Warning for a failure and Normal otherwise. With
+``traceUrl`` set, the link to the trace ends the message and is the annotation
+``falco-talon/trace-url``. Needs no configuration; uses the engine's shared Kubernetes client.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def reason(note: Notification) -> str:
 
 
 def message(note: Notification) -> str:
+    """What ``kubectl describe`` shows; the trace link, when there is one, is never cut."""
     result = note.result
     text = f"falco-talon rule {note.rule!r}: {note.action} {result.outcome.value}"
     if result.reason:
         text += f": {result.reason}"
     text += f" (Falco rule {note.event.rule!r}, priority {note.event.priority})"
-    return text[:MESSAGE_LIMIT]
+    trace = f" trace: {note.trace_url}" if note.trace_url else ""
+    if len(trace) > MESSAGE_LIMIT // 2:
+        trace = ""  # an absurd URL: the annotation still has it
+    return text[: MESSAGE_LIMIT - len(trace)] + trace
 
 
 @notifier(
@@ -79,6 +84,7 @@ async def send(note: Notification, settings: Mapping[str, Any]) -> None:
                 "falco-talon/event-id": note.event.id,
                 "falco-talon/rule": note.rule[:253],
                 **({"falco-talon/trace-id": note.trace_id} if note.trace_id else {}),
+                **({"falco-talon/trace-url": note.trace_url} if note.trace_url else {}),
             },
         },
         "involvedObject": involved,

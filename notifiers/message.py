@@ -34,6 +34,8 @@ class Field:
     value: str
     kind: Kind = "short"
     """``short``: fits a grid cell; ``text``: a paragraph; ``code``: preformatted."""
+    link: str = ""
+    """Where the value links to (the trace id to its trace, see ``traceUrl``); empty: nowhere."""
 
 
 def headline(note: Notification) -> str:
@@ -68,7 +70,7 @@ def fields(note: Notification) -> list[Field]:
         Field("Namespace", target.namespace or ""),
         Field("Falco rule", event.rule),
         Field("Priority", event.priority),
-        Field("Trace id", note.trace_id),
+        Field("Trace id", note.trace_id, link=note.trace_url),
         Field("Event id", event.id),
         Field("Event output", event.output, "code"),
         Field(reason_label, result.reason, "text"),

@@ -6,7 +6,8 @@ The message's top-level ``text`` is the headline (``succeeded: kubernetes:termin
 Terminate)``): Slack shows it first and phones use it for the notification. Below it, one
 attachment, there only for the colour bar of the outcome, holds Block Kit blocks: with
 ``format: long`` a grid of fields, the event output and the reason or output in code
-blocks, and the footer; with ``format: short`` one line of details. Text from events and
+blocks, and the footer; with ``format: short`` one line of details. With ``traceUrl`` set,
+the trace id (long) or a ``trace`` link (short) opens the event's trace. Text from events and
 actions is escaped for Slack mrkdwn (``&``, ``<``, ``>``), so an event cannot mention
 ``@channel`` or forge a link. Delivery and its errors are
 :meth:`notifiers.webhook.HttpClient.post_json`'s: a 429 becomes a ``TemporaryError`` with
@@ -66,6 +67,11 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def link(url: str, text: str) -> str:
+    """A Slack mrkdwn link ``<url|text>``, both parts escaped (``|`` would end the URL)."""
+    return f"<{escape(url).replace('|', '%7C')}|{escape(text)}>"
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -84,13 +90,15 @@ def _section(field: message.Field) -> dict[str, Any]:
     return {"type": "section", "text": _mrkdwn(f"*{field.label}*\n{value}")}
 
 
+def _grid_value(field: message.Field) -> str:
+    if field.link:
+        return link(field.link, field.value)
+    return escape(_clip(field.value, FIELD_LIMIT - len(field.label) - 4))
+
+
 def _long_blocks(note: Notification, footer: str) -> list[dict[str, Any]]:
     fields = message.fields(note)
-    grid = [
-        _mrkdwn(f"*{f.label}*\n{escape(_clip(f.value, FIELD_LIMIT - len(f.label) - 4))}")
-        for f in fields
-        if f.kind == "short"
-    ]
+    grid = [_mrkdwn(f"*{f.label}*\n{_grid_value(f)}") for f in fields if f.kind == "short"]
     blocks: list[dict[str, Any]] = [
         {"type": "section", "fields": grid[i : i + 10]} for i in range(0, len(grid), 10)
     ]
@@ -104,12 +112,10 @@ def payload(note: Notification, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON body posted to the webhook."""
     opts = settings
     if opts["format"] == "short":
-        blocks = [
-            {
-                "type": "context",
-                "elements": [_mrkdwn(escape(_clip(message.details(note), TEXT_LIMIT)))],
-            }
-        ]
+        elements = [_mrkdwn(escape(_clip(message.details(note), TEXT_LIMIT)))]
+        if note.trace_url:
+            elements.append(_mrkdwn(link(note.trace_url, "trace")))
+        blocks = [{"type": "context", "elements": elements}]
     else:
         blocks = _long_blocks(note, opts["footer"])
     body: dict[str, Any] = {

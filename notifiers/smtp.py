@@ -4,6 +4,7 @@ Position in the flow: ... -> actionners -> **notifiers** (the last stage).
 
 ``format: html`` sends multipart/alternative: a plain-text part and an HTML document with
 one table row per field (every value HTML-escaped); ``format: text`` the plain part only.
+With ``traceUrl`` set, the trace id links to the trace (``<url>`` after it in plain text).
 The connection is encrypted unless ``tls: false``: STARTTLS, or implicit TLS (on port 465
 by default, see ``tlsmode``), verified against the system's CAs or ``cafile``. It logs in
 only when ``user`` is set. A refused login, sender or recipient, a 5xx answer and a TLS
@@ -116,7 +117,8 @@ def text_body(note: Notification) -> str:
         if f.kind == "code":
             lines += [f"{f.label}:", *("    " + line for line in f.value.splitlines()), ""]
         else:
-            lines.append(f"{f.label + ':':<{width}}{f.value}")
+            link = f" <{f.link}>" if f.link else ""
+            lines.append(f"{f.label + ':':<{width}}{f.value}{link}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -127,6 +129,8 @@ def html_body(note: Notification) -> str:
         value = esc(f.value)
         if f.kind == "code":
             value = f'<pre style="margin:0;white-space:pre-wrap">{value}</pre>'
+        elif f.link:
+            value = f'<a href="{esc(f.link)}">{value}</a>'
         rows.append(
             f'<tr><th style="text-align:left;vertical-align:top;padding:4px 12px 4px 0">'
             f"{esc(f.label)}</th><td>{value}</td></tr>"

@@ -188,10 +188,11 @@ class HttpClient:
 
 
 def body(note: Notification) -> dict[str, Any]:
-    """The JSON document: the seed's fields (pod, namespace, action, status) and the rest."""
+    """The JSON document: the seed's fields (pod, namespace, action, status) and the rest;
+    ``trace_url`` only when ``traceUrl`` is set."""
     result, event = note.result, note.event
     failed = result.outcome is Outcome.FAILED
-    return {
+    doc = {
         "pod": result.target.pod or "",
         "namespace": result.target.namespace or "",
         "action": note.action,
@@ -209,6 +210,9 @@ def body(note: Notification) -> dict[str, Any]:
         "event_id": event.id,
         "trace_id": note.trace_id,
     }
+    if note.trace_url:
+        doc["trace_url"] = note.trace_url
+    return doc
 
 
 CLIENT = HttpClient()

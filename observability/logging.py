@@ -113,3 +113,5 @@ def setup_logging(fmt: str = "color", level: int | str = logging.INFO) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # transitions logs every callback at INFO: far too chatty at one event per millisecond.
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    # watchfiles logs every batch of changes at INFO; engine.reload logs what matters.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

@@ -8,7 +8,7 @@ few dozen seen as ``other``. Every name starts with ``falco_talon_``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -20,6 +20,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created only doubles the output
 
@@ -46,6 +48,24 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+class _RulesInfo(Collector):
+    """``falco_talon_rules_info{checksum="..."} 1``, read from the live rule set at scrape
+    time, so it can never disagree with what is serving."""
+
+    def __init__(self) -> None:
+        self.checksum: Callable[[], str] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "falco_talon_rules_info",
+            "The rules serving now, by checksum (as in /healthz): always 1.",
+            labels=["checksum"],
+        )
+        if self.checksum is not None:
+            family.add_metric([self.checksum()], 1)
+        yield family
 
 
 class Metrics:
@@ -110,6 +130,16 @@ class Metrics:
         self.in_flight = Gauge(
             "falco_talon_events_in_flight", "Events being processed now.", registry=r
         )
+        self.rules_reloads = Counter(
+            "falco_talon_rules_reloads",
+            "Rules reloads after a change of the rules files, by result (succeeded, rejected).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("succeeded", "rejected"):
+            self.rules_reloads.labels(result)
+        self._rules_info = _RulesInfo()
+        r.register(self._rules_info)
         self._sources: set[str] = set()
         self._received: dict[tuple[str, str], Counter] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -163,6 +193,13 @@ class Metrics:
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
+
+    def rules_reload(self, result: str) -> None:
+        self._child(self.rules_reloads, result).inc()
+
+    def watch_rules(self, checksum: Callable[[], str]) -> None:
+        """Show ``checksum()`` (the serving rules') as ``falco_talon_rules_info``."""
+        self._rules_info.checksum = checksum
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,8 @@ from observability.settings import TracingSettings
 DEFAULT_CONFIG = "/etc/falco-talon/config.yaml"
 DEFAULT_RULES = "/etc/falco-talon/rules.yaml"
 SCHEMA_ID = "https://falco-talon.dev/schemas/config.schema.json"
+TRACE_URL_PATTERN = r"^$|^https?://[^\s/{}]+[^\s]*\{trace_id\}[^\s]*$"
+"""``traceUrl``: empty, or an http(s) URL with a host and ``{trace_id}`` somewhere after it."""
 
 
 def _opt(key: str, default: Any, schema: dict[str, Any], help: str) -> Any:
@@ -130,6 +132,18 @@ class NotificationSettings:
         4,
         {"type": "integer", "minimum": 1},
         "Sends per notification before it is reported failed.",
+    )
+    trace_url: str = _opt(
+        "traceUrl",
+        "",
+        {
+            "type": "string",
+            "pattern": TRACE_URL_PATTERN,
+            "errorMessage": "must be an http(s) URL containing {trace_id}, such as "
+            "https://jaeger.example.com/trace/{trace_id}",
+        },
+        "Link every notification to its trace: an http(s) URL containing {trace_id}, "
+        "e.g. https://jaeger.example.com/trace/{trace_id}; empty: no link.",
     )
 
 

@@ -29,6 +29,10 @@ class Notification:
     """``before-actions`` or ``actions``."""
     result: ActionResult
     trace_id: str = ""
+    """The event's trace id (32 hex digits)."""
+    trace_url: str = ""
+    """A link to the event's trace (the ``traceUrl`` setting with the trace id filled in);
+    empty when no ``traceUrl`` is set or the trace was not recorded (not sampled)."""
 
 
 SendFunc = Callable[[Notification, Mapping[str, Any]], Awaitable[None]]

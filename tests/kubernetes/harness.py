@@ -17,6 +17,7 @@ from engine.pipeline import Pipeline
 from engine.plugins import load_plugins
 from engine.rules import RulesLoader
 from engine.server import Service, create_app
+from observability.tracing import Tracing
 from tests.conftest import FALCO_EVENT
 
 
@@ -36,8 +37,8 @@ class Talon:
     service: Service
     runs: list[EventRun]
 
-    async def send(self, event: dict[str, Any]) -> EventRun:
-        resp = await self.client.post("/", json=event)
+    async def send(self, event: dict[str, Any], headers: dict[str, str] | None = None) -> EventRun:
+        resp = await self.client.post("/", json=event, headers=headers)
         assert resp.status == 202, await resp.text()
         await self.service.queue.join()
         dispatcher = self.service.pipeline.dispatcher
@@ -47,14 +48,23 @@ class Talon:
 
 
 async def start_talon(
-    aiohttp_client: Any, tmp_path: Path, rules: str, default_notifiers: tuple[str, ...] = ()
+    aiohttp_client: Any,
+    tmp_path: Path,
+    rules: str,
+    default_notifiers: tuple[str, ...] = (),
+    *,
+    tracing: Tracing | None = None,
+    trace_url: str = "",
 ) -> Talon:
     actionners, notifiers = load_plugins()
     path = tmp_path / "rules.yaml"
     path.write_text(textwrap.dedent(rules).lstrip("\n"))
     ruleset = RulesLoader(actionners, notifiers).load([path])
     dispatcher = Dispatcher(
-        notifiers, {"k8sevents": {}}, DeliveryPolicy(retry=RetryPolicy(attempts=2, backoff=0.05))
+        notifiers,
+        {"k8sevents": {}},
+        DeliveryPolicy(retry=RetryPolicy(attempts=2, backoff=0.05)),
+        trace_url=trace_url,
     )
     pipeline = Pipeline(
         ruleset,
@@ -72,7 +82,7 @@ async def start_talon(
         return run
 
     pipeline.process = recording  # type: ignore[method-assign]
-    service = Service(pipeline, workers=4)
+    service = Service(pipeline, workers=4, tracing=tracing)
     await service.start()
     client = await aiohttp_client(create_app(service))
     return Talon(client, service, runs)

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engine.contract.kubeapi import KubeApi
+from observability.tracing import Tracing
 from tests.kubernetes.conftest import Cluster
 from tests.kubernetes.harness import event_for, outcomes, start_talon
 
@@ -329,3 +331,35 @@ async def test_k8sevents_records_each_result_on_the_pod_in_its_namespace(
         "falco-talon rule 'Rule Terminate': kubernetes:terminate succeeded: pod deleted"
     )
     assert cluster.core.list_namespaced_event("default").items == []
+
+
+async def test_k8sevents_links_each_result_to_its_trace_when_trace_url_is_set(
+    aiohttp_client: Any, tmp_path: Path, kube: KubeApi, cluster: Cluster
+) -> None:
+    rs = cluster.replicaset("traced", replicas=1)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    link = f"https://jaeger.example.com/trace/{trace_id}"
+    talon = await start_talon(
+        aiohttp_client,
+        tmp_path,
+        """
+        - name: Rule Labelize
+          action:
+            name: kubernetes:labelize
+            parameters: {labels: {suspicious: "true"}}
+        """,
+        default_notifiers=("k8sevents",),
+        tracing=Tracing(exporter=InMemorySpanExporter(), flush_interval=0.05),
+        trace_url="https://jaeger.example.com/trace/{trace_id}",
+    )
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    await talon.send(event_for(rs.pods[0], cluster.ns), headers={"traceparent": traceparent})
+    [event] = [
+        e
+        for e in cluster.core.list_namespaced_event(cluster.ns).items
+        if e.involved_object.name == rs.pods[0] and e.source.component == "falco-talon"
+    ]
+    assert event.reason == "LabelizeSucceeded"
+    assert event.message.endswith(f" trace: {link}")
+    assert event.metadata.annotations["falco-talon/trace-id"] == trace_id
+    assert event.metadata.annotations["falco-talon/trace-url"] == link
