@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.contract.errors import TemporaryError
+from engine.contract.errors import TemporaryError, worth_retrying
 from engine.contract.notifiers import Notification, NotifierRegistry
 from engine.contract.retry import Retried, RetryPolicy, retry
 from engine.machine import EventRun
@@ -47,11 +47,8 @@ class DeliveryPolicy:
 
 
 def _temporary(exc: BaseException) -> float | bool:
-    """A notifier's temporary failures (and network errors) are retried, at the delay it
-    asked for when it did; everything else is permanent."""
-    if isinstance(exc, TemporaryError):
-        return exc.delay if exc.delay else True
-    return isinstance(exc, OSError)
+    """A notifier's temporary failures, and network errors, are retried."""
+    return worth_retrying(exc) or isinstance(exc, OSError)
 
 
 def _note_logger(note: Notification, notifier: str) -> EventLogger:

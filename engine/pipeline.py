@@ -21,7 +21,7 @@ from typing import Any
 
 from engine import machine
 from engine.contract.actionners import ActionContext, ActionnerRegistry
-from engine.contract.errors import TalonError, TemporaryError
+from engine.contract.errors import TalonError, worth_retrying
 from engine.contract.event import FalcoEvent
 from engine.contract.results import ActionResult, Outcome
 from engine.contract.retry import Retried, retry
@@ -301,7 +301,7 @@ class Pipeline:
 
         try:
             return await asyncio.wait_for(
-                retry(policy.retry, lambda: spec.run(ctx), _temporary, on_retry), timeout
+                retry(policy.retry, lambda: spec.run(ctx), worth_retrying, on_retry), timeout
             )
         except TimeoutError:
             return ActionResult.failed(f"timed out after {timeout:g}s", target)
@@ -315,10 +315,3 @@ class Pipeline:
             span.fail(f"{type(exc).__name__}: {exc}", exc)
             slog.error("actionner %s raised", rule.action, exc_info=exc)
             return ActionResult.failed(f"{type(exc).__name__}: {exc}", target)
-
-
-def _temporary(exc: BaseException) -> float | bool:
-    """What the pipeline retries: an actionner's ``TemporaryError``, at the delay it asks."""
-    if isinstance(exc, TemporaryError):
-        return exc.delay if exc.delay else True
-    return False

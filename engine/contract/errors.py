@@ -18,11 +18,24 @@ class PermanentError(TalonError):
 
 
 class TemporaryError(TalonError):
-    """A failure that may go away: retry after ``delay`` seconds (or the caller's backoff)."""
+    """A failure that may go away: retry after ``delay`` seconds (or the caller's backoff).
 
-    def __init__(self, message: str, *, delay: float | None = None) -> None:
+    ``attempts`` > 1 says the layer that raised it already retried that many times (the
+    Kubernetes client does, for every API call): the layers above then report it instead of
+    retrying again, so retries never multiply."""
+
+    def __init__(self, message: str, *, delay: float | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.delay = delay
+        self.attempts = attempts
+
+
+def worth_retrying(exc: BaseException) -> float | bool:
+    """The verdict :func:`engine.contract.retry.retry` asks for: a ``TemporaryError`` not
+    yet retried below is worth it (at the delay it asks for, if any); nothing else is."""
+    if isinstance(exc, TemporaryError) and exc.attempts <= 1:
+        return exc.delay if exc.delay else True
+    return False
 
 
 class ConfigError(TalonError):

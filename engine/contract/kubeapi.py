@@ -71,8 +71,8 @@ class Conflict(ApiPermanentError):
 class ApiTemporaryError(TemporaryError):
     """The API could not be reached or answered a transient error, every retry included."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int | None = None, *, attempts: int = 1) -> None:
+        super().__init__(message, attempts=attempts)
         self.status = status
 
 
@@ -183,7 +183,9 @@ class KubeApi:
                 error = failed.error
                 if isinstance(error, ApiTemporaryError):
                     message = f"{error} after {failed.attempts} attempt(s)"
-                    raise ApiTemporaryError(message, error.status) from error.__cause__
+                    raise ApiTemporaryError(
+                        message, error.status, attempts=failed.attempts
+                    ) from error.__cause__
                 raise error from error.__cause__
 
     async def read_pod(self, namespace: str, name: str) -> Any:
