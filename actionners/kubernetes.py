@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from engine.contract import kubeapi
-from engine.contract.actionners import ActionContext, RbacRule, RunFunc, actionner
+from engine.contract.actionners import ActionContext, Alias, RbacRule, RunFunc, actionner
 from engine.contract.kubeapi import (
     ApiPermanentError,
     ApiTemporaryError,
@@ -132,7 +132,7 @@ def _min_healthy_schema() -> dict[str, Any]:
         "type": ["integer", "string"],
         "minimum": 0,
         "pattern": r"^([0-9]+|(100|[1-9]?[0-9])%)$",
-        "errorMessage": "must be a whole number of pods (3, '3') or a quoted percentage ('50%')",
+        "errorMessage": "must be a whole number of pods (3) or a quoted percentage ('50%')",
         "description": (
             "Leave the pod alone when fewer than this many ready pods of its ReplicaSet would "
             "remain: a number, or a quoted percentage of the ReplicaSet's desired replicas "
@@ -354,9 +354,42 @@ async def _metadata_patch(
 _NODE_PATCH = RbacRule(("",), ("nodes",), ("get", "patch"))
 
 
+LABELS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "minProperties": 1,
+    "description": "Labels to set; an empty value removes the label.",
+    "propertyNames": {
+        "pattern": LABEL_KEY_PATTERN,
+        "maxLength": 317,
+        "errorMessage": "is not a valid Kubernetes label key ([prefix/]name)",
+    },
+    "additionalProperties": {
+        "type": "string",
+        "pattern": LABEL_VALUE_PATTERN,
+        "errorMessage": (
+            "must be a Kubernetes label value (quoted, at most 63 characters "
+            "of letters, digits, '-', '_', '.'), or empty to remove the label"
+        ),
+    },
+}
+_POD_PATCH = RbacRule(("",), ("pods",), ("get", "patch"))
+
+
 @actionner(
     "kubernetes:label",
-    aliases=("kubernetes:labelize",),
+    aliases=(
+        Alias(
+            "kubernetes:labelize",
+            description="Former name of kubernetes:label, for the pod's labels only.",
+            parameters={
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["labels"],
+                "properties": {"labels": LABELS_SCHEMA},
+            },
+            rbac=(_POD_PATCH,),
+        ),
+    ),
     description="Add, change or remove labels of the pod the event is about, or of its node.",
     continue_=True,
     before=False,
@@ -365,29 +398,9 @@ _NODE_PATCH = RbacRule(("",), ("nodes",), ("get", "patch"))
         "type": "object",
         "additionalProperties": False,
         "required": ["labels"],
-        "properties": {
-            "labels": {
-                "type": "object",
-                "minProperties": 1,
-                "description": "Labels to set; an empty value removes the label.",
-                "propertyNames": {
-                    "pattern": LABEL_KEY_PATTERN,
-                    "maxLength": 317,
-                    "errorMessage": "is not a valid Kubernetes label key ([prefix/]name)",
-                },
-                "additionalProperties": {
-                    "type": "string",
-                    "pattern": LABEL_VALUE_PATTERN,
-                    "errorMessage": (
-                        "must be a Kubernetes label value (quoted, at most 63 characters "
-                        "of letters, digits, '-', '_', '.'), or empty to remove the label"
-                    ),
-                },
-            },
-            "level": _level_schema(),
-        },
+        "properties": {"labels": LABELS_SCHEMA, "level": _level_schema()},
     },
-    rbac=(RbacRule(("",), ("pods",), ("get", "patch")), _NODE_PATCH),
+    rbac=(_POD_PATCH, _NODE_PATCH),
 )
 @injects_api_skips_missing_pod
 async def label(ctx: ActionContext, api: KubeApi) -> ActionResult:

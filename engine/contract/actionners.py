@@ -24,6 +24,7 @@ __all__ = [
     "ActionContext",
     "ActionnerRegistry",
     "ActionnerSpec",
+    "Alias",
     "HandlerPolicy",
     "RbacRule",
     "actionner",
@@ -125,6 +126,19 @@ ACTIONNERS = ActionnerRegistry()
 """The process-wide registry the built-in and installed actionner modules fill."""
 
 
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """A former name of an actionner, registered as a spec of its own that runs the same
+    function (``alias_of`` names the actionner). It may be narrower than the actionner: a
+    parameter schema and RBAC rules of its own (the seed's ``kubernetes:labelize`` labels
+    pods only, so it needs no permission on nodes)."""
+
+    name: str
+    parameters: Mapping[str, Any] | None = None
+    rbac: tuple[RbacRule, ...] | None = None
+    description: str = ""
+
+
 def with_spellings(schema: Mapping[str, Any], spellings: Mapping[str, str]) -> dict[str, Any]:
     """``schema`` with a property for each second spelling (``{seed: canonical}``): the
     canonical property's schema without its default, marked deprecated, and a rule that
@@ -183,16 +197,17 @@ def actionner(
     timeout: float | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     requires: tuple[str, ...] = (),
-    aliases: tuple[str, ...] = (),
+    aliases: tuple[str | Alias, ...] = (),
     spellings: Mapping[str, str] | None = None,
     registry: ActionnerRegistry | None = None,
 ) -> Callable[[RunFunc], RunFunc]:
     """Register the decorated ``async def run(ctx) -> ActionResult`` as actionner ``name``.
 
     ``aliases``: other names rules may use for it (each registered as a spec of its own with
-    ``alias_of`` set, sharing ``run``). ``spellings``: ``{seed name: canonical name}`` of
-    parameters accepted under a second name (see :func:`with_spellings`); ``run`` always
-    sees the canonical names. ``requires``: the event's output fields it needs."""
+    ``alias_of`` set, sharing ``run``; an :class:`Alias` may narrow its parameters and
+    RBAC). ``spellings``: ``{seed name: canonical name}`` of parameters accepted under a
+    second name (see :func:`with_spellings`); ``run`` always sees the canonical names.
+    ``requires``: the event's output fields it needs."""
     policy = HandlerPolicy(timeout=timeout, retry=retry)
     spelling_map = dict(spellings or {})
     schema = with_spellings(parameters, spelling_map) if spelling_map else parameters
@@ -219,10 +234,19 @@ def actionner(
             spellings=spelling_map,
         )
         target.add(base)
-        for alias in aliases:
+        for given in aliases:
+            alias = Alias(given) if isinstance(given, str) else given
+            own = alias.parameters
             target.add(
                 dataclasses.replace(
-                    base, name=alias, description=f"Former name of {name}.", alias_of=name
+                    base,
+                    name=alias.name,
+                    description=alias.description or f"Former name of {name}.",
+                    alias_of=name,
+                    parameters=base.parameters
+                    if own is None
+                    else (with_spellings(own, spelling_map) if spelling_map else own),
+                    rbac=base.rbac if alias.rbac is None else alias.rbac,
                 )
             )
         return run
