@@ -595,3 +595,29 @@ async def test_network_policies_without_a_remote_ip_are_skipped(
     assert outcomes(run) == [
         ("act", "skipped", "the event names no remote IP address (fd.rip or fd.sip)")
     ]
+
+
+@pytest.mark.parametrize(
+    ("action", "params"),
+    [
+        ("kubernetes:exec", {"command": "echo again >> $HOME/seen; wc -l < $HOME/seen"}),
+        ("kubernetes:script", {"script": "echo again >> $HOME/seen\nwc -l < $HOME/seen"}),
+        ("kubernetes:log", {"tail_lines": 5}),
+    ],
+)
+async def test_the_forensics_actionners_run_again_on_a_repeated_event(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    kube: KubeApi,
+    cluster: Cluster,
+    action: str,
+    params: dict[str, Any],
+) -> None:
+    cluster.standalone("shell", {"app": "web"})
+    talon = await start_talon(aiohttp_client, tmp_path, rule(action, **params))
+    first = await talon.send(event_for("shell", cluster.ns))
+    second = await talon.send(event_for("shell", cluster.ns))
+    assert [o[1] for o in outcomes(first) + outcomes(second)] == ["succeeded", "succeeded"]
+    if action != "kubernetes:log":  # the second run sees the first one's trace
+        out = second.steps[0].result.output["containers"]["app"]["stdout"]  # type: ignore[union-attr]
+        assert out.strip() == "2"
