@@ -84,7 +84,7 @@ def _quote(value: str) -> str:
         "properties": {
             **ALLOW_SCHEMA,
             "order": {
-                "type": "integer",
+                "type": "number",
                 "description": "The policy's order (Calico applies lower orders first).",
             },
         },

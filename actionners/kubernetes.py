@@ -28,6 +28,7 @@ from typing import Any
 
 from engine.contract import kubeapi
 from engine.contract.actionners import ActionContext, Alias, RbacRule, RunFunc, actionner
+from engine.contract.errors import PermanentError
 from engine.contract.kubeapi import (
     ApiPermanentError,
     ApiTemporaryError,
@@ -514,7 +515,13 @@ async def workload_of(api: KubeApi, pod: Any, target: Target) -> Workload | Acti
 
 def cidrs_of(values: Any) -> list[str]:
     """Each CIDR in its canonical form (``10.1.2.3/8`` -> ``10.0.0.0/8``)."""
-    return [str(ipaddress.ip_network(str(v), strict=False)) for v in values or ()]
+    out = []
+    for value in values or ():
+        try:
+            out.append(str(ipaddress.ip_network(str(value), strict=False)))
+        except ValueError as exc:
+            raise PermanentError(f"allow_cidr: {value!r} is not a CIDR ({exc})") from None
+    return out
 
 
 @actionner(
