@@ -64,6 +64,8 @@ def config_problems(err: jsonschema.ValidationError) -> list[Problem]:
 def rule_message(err: jsonschema.ValidationError) -> str:
     """A rules error, preferring the schema's own ``errorMessage``."""
     custom = err.schema.get("errorMessage") if isinstance(err.schema, dict) else None
+    if custom and err.validator in ("not", "anyOf"):  # a rule on the object's keys as a whole
+        return str(custom)
     if custom and err.validator in ("pattern", "enum", "propertyNames", "type", "minimum"):
         return f"{show(err.instance)} {custom}"
     if err.validator == "additionalProperties" and isinstance(err.instance, dict):

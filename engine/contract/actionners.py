@@ -7,6 +7,8 @@ under each spec's :class:`HandlerPolicy`. Nothing here runs an actionner.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ __all__ = [
     "ActionContext",
     "ActionnerRegistry",
     "ActionnerSpec",
+    "Alias",
     "HandlerPolicy",
     "RbacRule",
     "actionner",
@@ -39,6 +42,14 @@ class ActionContext:
     """The rule's ``action.parameters``, with the actionner's defaults filled in."""
     target: Target
     """The pod the event is about, when the event says (``k8s.pod.name``/``k8s.ns.name``)."""
+    spelled: Mapping[str, str] = field(default_factory=dict)
+    """For a parameter with a second accepted spelling (the seed's camelCase), the name the
+    rule used for it; see :meth:`name_of`."""
+
+    def name_of(self, parameter: str) -> str:
+        """``parameter`` as the rule spelled it (``gracePeriodSeconds`` for
+        ``grace_period_seconds``), so a reason names what the user wrote."""
+        return self.spelled.get(parameter, parameter)
 
 
 RunFunc = Callable[[ActionContext], Awaitable[ActionResult]]
@@ -80,14 +91,23 @@ class ActionnerSpec:
     """The Kubernetes permissions ``run`` needs."""
     policy: HandlerPolicy = HandlerPolicy()
     """Timeout and retries the pipeline applies to every run."""
+    requires: tuple[str, ...] = ()
+    """Output fields of the event the actionner needs; ``a|b``: either of them."""
+    alias_of: str | None = None
+    """For an alias (a former name kept working): the name of the actionner it runs."""
+    spellings: Mapping[str, str] = field(default_factory=dict)
+    """Second accepted spellings of parameters, ``{seed name: canonical name}``: the schema
+    accepts either (never both), ``run`` gets the canonical one."""
 
     @property
     def category(self) -> str:
         return self.name.split(":", 1)[0]
 
     def defaults(self) -> dict[str, Any]:
-        """Parameter defaults declared in the schema."""
-        return schema_defaults(self.parameters)
+        """Parameter defaults declared in the schema, but for parameters with two spellings:
+        ``run`` fills those in, once it knows which spelling the rule used."""
+        canonical = set(self.spellings.values())
+        return {k: v for k, v in schema_defaults(self.parameters).items() if k not in canonical}
 
 
 class ActionnerRegistry(Registry[ActionnerSpec]):
@@ -98,10 +118,72 @@ class ActionnerRegistry(Registry[ActionnerSpec]):
     def validate(self, spec: ActionnerSpec) -> None:
         if ":" not in spec.name:
             raise ValueError(f"actionner name {spec.name!r} must be 'category:action'")
+        if spec.alias_of is not None and spec.alias_of not in self:
+            raise ValueError(f"alias {spec.name!r} of {spec.alias_of!r}, which is not registered")
 
 
 ACTIONNERS = ActionnerRegistry()
 """The process-wide registry the built-in and installed actionner modules fill."""
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """A former name of an actionner, registered as a spec of its own that runs the same
+    function (``alias_of`` names the actionner). It may be narrower than the actionner: a
+    parameter schema and RBAC rules of its own (the seed's ``kubernetes:labelize`` labels
+    pods only, so it needs no permission on nodes)."""
+
+    name: str
+    parameters: Mapping[str, Any] | None = None
+    rbac: tuple[RbacRule, ...] | None = None
+    description: str = ""
+
+
+def with_spellings(schema: Mapping[str, Any], spellings: Mapping[str, str]) -> dict[str, Any]:
+    """``schema`` with a property for each second spelling (``{seed: canonical}``): the
+    canonical property's schema without its default, marked deprecated, and a rule that
+    refuses both spellings of one parameter at once."""
+    out = copy.deepcopy(dict(schema))
+    props: dict[str, Any] = out.setdefault("properties", {})
+    refusals = list(out.get("allOf", []))
+    for seed, canonical in spellings.items():
+        alias = {k: v for k, v in props[canonical].items() if k not in ("default", "description")}
+        alias["description"] = f"The seed's spelling of {canonical}."
+        alias["deprecated"] = True
+        props[seed] = alias
+        refusals.append(
+            {
+                "not": {"required": [seed, canonical]},
+                "errorMessage": f"gives both {seed!r} and {canonical!r}, two spellings of one "
+                "parameter: keep one",
+            }
+        )
+    if refusals:
+        out["allOf"] = refusals
+    return out
+
+
+def normalise(
+    parameters: Mapping[str, Any], spellings: Mapping[str, str], schema: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The parameters under their canonical names, defaults of the two-spelling ones filled
+    in, and ``{canonical: name the rule used}``. A parameter the rule does not give is
+    named in the spelling its others use; the seed's when it gives none of them."""
+    out = dict(parameters)
+    defaults = schema_defaults(schema)
+    seed_style = any(s in out for s in spellings) or not any(c in out for c in spellings.values())
+    spelled: dict[str, str] = {}
+    for seed, canonical in spellings.items():
+        if seed in out:
+            out[canonical] = out.pop(seed)  # the schema refused both: canonical was a default
+            spelled[canonical] = seed
+        elif canonical in out:
+            spelled[canonical] = canonical
+        else:
+            if canonical in defaults:
+                out[canonical] = copy.deepcopy(defaults[canonical])
+            spelled[canonical] = seed if seed_style else canonical
+    return out, spelled
 
 
 def actionner(
@@ -114,12 +196,59 @@ def actionner(
     rbac: tuple[RbacRule, ...] = (),
     timeout: float | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    requires: tuple[str, ...] = (),
+    aliases: tuple[str | Alias, ...] = (),
+    spellings: Mapping[str, str] | None = None,
     registry: ActionnerRegistry | None = None,
 ) -> Callable[[RunFunc], RunFunc]:
-    """Register the decorated ``async def run(ctx) -> ActionResult`` as actionner ``name``."""
+    """Register the decorated ``async def run(ctx) -> ActionResult`` as actionner ``name``.
+
+    ``aliases``: other names rules may use for it (each registered as a spec of its own with
+    ``alias_of`` set, sharing ``run``; an :class:`Alias` may narrow its parameters and
+    RBAC). ``spellings``: ``{seed name: canonical name}`` of parameters accepted under a
+    second name (see :func:`with_spellings`); ``run`` always sees the canonical names.
+    ``requires``: the event's output fields it needs."""
     policy = HandlerPolicy(timeout=timeout, retry=retry)
-    return (ACTIONNERS if registry is None else registry).register(
-        lambda run: ActionnerSpec(
-            name, description, run, continue_, before, parameters, rbac, policy
+    spelling_map = dict(spellings or {})
+    schema = with_spellings(parameters, spelling_map) if spelling_map else parameters
+    target = ACTIONNERS if registry is None else registry
+
+    def declare(run: RunFunc) -> RunFunc:
+        wrapped = run
+        if spelling_map:
+
+            async def wrapped(ctx: ActionContext) -> ActionResult:
+                params, spelled = normalise(ctx.parameters, spelling_map, parameters)
+                return await run(dataclasses.replace(ctx, parameters=params, spelled=spelled))
+
+        base = ActionnerSpec(
+            name,
+            description,
+            wrapped,
+            continue_,
+            before,
+            schema,
+            rbac,
+            policy,
+            requires=requires,
+            spellings=spelling_map,
         )
-    )
+        target.add(base)
+        for given in aliases:
+            alias = Alias(given) if isinstance(given, str) else given
+            own = alias.parameters
+            target.add(
+                dataclasses.replace(
+                    base,
+                    name=alias.name,
+                    description=alias.description or f"Former name of {name}.",
+                    alias_of=name,
+                    parameters=base.parameters
+                    if own is None
+                    else (with_spellings(own, spelling_map) if spelling_map else own),
+                    rbac=base.rbac if alias.rbac is None else alias.rbac,
+                )
+            )
+        return run
+
+    return declare

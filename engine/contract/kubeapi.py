@@ -147,10 +147,21 @@ class KubeApi:
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
+        self.rbac = client.RbacAuthorizationV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kubeapi")
 
-    async def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def call(
+        self,
+        what: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry_policy: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` in the pool with retries; ``what`` names it in errors.
+        ``retry_policy`` replaces the client's own for this call (an eviction is tried once:
+        its 429 is a PodDisruptionBudget's no, not throttling).
 
         Returns the client's model object (typed ``Any``: the client's models are loosely
         typed, and every field of them may be None). Raises :class:`ApiPermanentError` (or
@@ -177,7 +188,10 @@ class KubeApi:
 
             try:
                 return await retry(
-                    self.retry, once, lambda e: isinstance(e, ApiTemporaryError), on_retry
+                    retry_policy or self.retry,
+                    once,
+                    lambda e: isinstance(e, ApiTemporaryError),
+                    on_retry,
                 )
             except Retried as failed:
                 error = failed.error

@@ -151,10 +151,19 @@ def test_actionners_list_prints_defaults_parameters_and_rbac() -> None:
     data = {a["name"]: a for a in json.loads(out)}
     assert code == 0
     assert set(data) == {
-        "kubernetes:terminate",
-        "kubernetes:labelize",
-        "kubernetes:networkpolicy",
+        "calico:networkpolicy",
+        "cilium:networkpolicy",
+        "kubernetes:annotation",
+        "kubernetes:cordon",
+        "kubernetes:delete",
+        "kubernetes:drain",
         "kubernetes:exec",
+        "kubernetes:label",
+        "kubernetes:labelize",
+        "kubernetes:log",
+        "kubernetes:networkpolicy",
+        "kubernetes:script",
+        "kubernetes:terminate",
     }
     assert (data["kubernetes:terminate"]["continue"], data["kubernetes:terminate"]["before"]) == (
         False,

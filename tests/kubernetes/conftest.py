@@ -10,12 +10,15 @@ node by ``spec.nodeName``, and marked Ready through the ``pods/status`` subresou
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from engine.contract import kubeapi
@@ -103,6 +106,7 @@ class Cluster:
         kind: str = "",
         ready: bool = True,
         containers: tuple[str, ...] = ("app",),
+        node: str = NODE,
     ) -> Any:
         meta: dict[str, Any] = {"name": name, "labels": labels}
         if owner is not None:
@@ -121,7 +125,7 @@ class Cluster:
             {
                 "metadata": meta,
                 "spec": {
-                    "nodeName": NODE,
+                    "nodeName": node,
                     "containers": [{"name": c, "image": "busybox"} for c in containers],
                 },
             },
@@ -142,7 +146,9 @@ class Cluster:
         )
         return pod
 
-    def replicaset(self, name: str, replicas: int, ready: int | None = None) -> Workload:
+    def replicaset(
+        self, name: str, replicas: int, ready: int | None = None, node: str = NODE
+    ) -> Workload:
         labels = {"app": name, "pod-template-hash": "5d4b9c7f"}
         rs = self.apps.create_namespaced_replica_set(
             self.ns,
@@ -161,10 +167,10 @@ class Cluster:
         ready = replicas if ready is None else ready
         pods = [f"{name}-{i}" for i in range(replicas)]
         for i, pod in enumerate(pods):
-            self.pod(pod, labels, rs, "ReplicaSet", ready=i < ready)
+            self.pod(pod, labels, rs, "ReplicaSet", ready=i < ready, node=node)
         return Workload("ReplicaSet", name, self.ns, rs, pods)
 
-    def daemonset(self, name: str) -> Workload:
+    def daemonset(self, name: str, node: str = NODE) -> Workload:
         labels = {"app": name}
         ds = self.apps.create_namespaced_daemon_set(
             self.ns,
@@ -185,6 +191,7 @@ class Cluster:
             {**labels, "controller-revision-hash": "6c5f", "pod-template-generation": "1"},
             ds,
             "DaemonSet",
+            node=node,
         )
         return Workload("DaemonSet", name, self.ns, ds, [pod])
 
@@ -219,9 +226,13 @@ class Cluster:
         return Workload("StatefulSet", name, self.ns, sts, [pod])
 
     def standalone(
-        self, name: str, labels: dict[str, str], containers: tuple[str, ...] = ("app",)
+        self,
+        name: str,
+        labels: dict[str, str],
+        containers: tuple[str, ...] = ("app",),
+        node: str = NODE,
     ) -> Workload:
-        self.pod(name, labels, containers=containers)
+        self.pod(name, labels, containers=containers, node=node)
         return Workload("Pod", name, self.ns, None, [name])
 
     def get_pod(self, name: str) -> Any | None:
@@ -241,3 +252,48 @@ def cluster(testenv: TestEnvInfo, namespace: str) -> Iterator[Cluster]:
     config.load_kube_config(str(testenv.kubeconfig), client_configuration=configuration)
     with client.ApiClient(configuration) as api_client:
         yield Cluster(api_client, namespace)
+
+
+@pytest.fixture
+def node(core: client.CoreV1Api) -> Iterator[str]:
+    """A Node of its own (no kubelet behind it), for tests that cordon, drain or label a
+    node: the shared :data:`NODE` serves exec for every test and stays schedulable."""
+    name = f"n-{uuid.uuid4().hex[:10]}"
+    core.create_node({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}})
+    yield name
+    core.delete_node(name)
+
+
+CRDS = Path(__file__).parent / "crds"
+
+
+@pytest.fixture(scope="session")
+def crds(control_plane: TestEnv) -> None:
+    """Calico's and Cilium's network policy CRDs (``tests/kubernetes/crds``), installed and
+    established."""
+    from kubernetes import config
+
+    configuration = client.Configuration()
+    config.load_kube_config(
+        str(control_plane.info().kubeconfig), client_configuration=configuration
+    )
+    with client.ApiClient(configuration) as api_client:
+        ext = client.ApiextensionsV1Api(api_client)
+        names = []
+        for path in sorted(CRDS.glob("*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            names.append(crd["metadata"]["name"])
+            try:
+                ext.create_custom_resource_definition(crd)
+            except client.exceptions.ApiException as exc:
+                if exc.status != 409:
+                    raise
+        deadline = time.monotonic() + 60
+        for name in names:
+            while True:
+                got = ext.read_custom_resource_definition(name)
+                conditions = {c.type: c.status for c in (got.status.conditions or ())}
+                if conditions.get("Established") == "True":
+                    break
+                assert time.monotonic() < deadline, f"CRD {name} not established"
+                time.sleep(0.2)

@@ -97,7 +97,22 @@ async def test_the_derived_role_is_enough_for_every_actionner_and_the_events_not
     ("what", "method", "args"),
     [
         ("read secrets", "core.list_namespaced_secret", ()),
-        ("delete deployments", "apps.delete_namespaced_deployment", ("web",)),
+        (
+            "create deployments",
+            "apps.create_namespaced_deployment",
+            (
+                {
+                    "metadata": {"name": "x"},
+                    "spec": {
+                        "selector": {"matchLabels": {"a": "x"}},
+                        "template": {
+                            "metadata": {"labels": {"a": "x"}},
+                            "spec": {"containers": [{"name": "x", "image": "x"}]},
+                        },
+                    },
+                },
+            ),
+        ),
         (
             "create pods",
             "core.create_namespaced_pod",
@@ -116,3 +131,56 @@ async def test_the_derived_role_forbids_what_no_actionner_needs(
         await as_talon.call(what, fn, *call_args)
     assert err.value.status == 403
     assert "forbidden" in str(err.value)
+
+
+CATALOGUE = """
+- name: annotate
+  action:
+    name: kubernetes:annotation
+    parameters: {annotations: {falco.org/seen: "yes"}, level: node}
+- name: script
+  action: {name: kubernetes:script, parameters: {script: "echo hi >> $HOME/container.log"}}
+- name: log
+  action: {name: kubernetes:log, parameters: {tail_lines: 1}}
+- name: calico
+  action: {name: calico:networkpolicy}
+- name: cilium
+  action: {name: cilium:networkpolicy}
+- name: cordon
+  action: {name: kubernetes:cordon}
+- name: drain
+  action: {name: kubernetes:drain}
+- name: delete
+  action: {name: kubernetes:delete}
+  continue: true
+"""
+
+
+async def test_the_derived_role_is_enough_for_the_originals_catalogue(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    as_talon: KubeApi,
+    cluster: Cluster,
+    node: str,
+    crds: None,
+) -> None:
+    cluster.standalone("shell", {"app": "web"})
+    cluster.core.create_namespaced_config_map(cluster.ns, {"metadata": {"name": "leaked"}})
+    event = event_for("shell", cluster.ns)
+    event["output_fields"].update(
+        {
+            "k8s.node.name": node,  # cordon, drain and the node annotation use this node
+            "fd.rip": "203.0.113.7",
+            "ka.target.resource": "configmaps",
+            "ka.target.name": "leaked",
+            "ka.target.namespace": cluster.ns,
+        }
+    )
+    talon = await start_talon(aiohttp_client, tmp_path, CATALOGUE)
+    run = await talon.send(event)
+    assert sorted((o[0], o[1]) for o in outcomes(run)) == [
+        (name, "succeeded")
+        for name in sorted(
+            ("annotate", "script", "log", "calico", "cilium", "cordon", "drain", "delete")
+        )
+    ], outcomes(run)

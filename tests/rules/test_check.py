@@ -49,8 +49,10 @@ BAD: list[tuple[str, str, str]] = [
     (
         "unknown actionner",
         "- name: x\n  action:\n    name: kubernetes:terminat\n",
-        "{f}:3:11: 'kubernetes:terminat' is not a known actionner; known: kubernetes:exec, "
-        "kubernetes:labelize, kubernetes:networkpolicy, kubernetes:terminate "
+        "{f}:3:11: 'kubernetes:terminat' is not a known actionner; known: calico:networkpolicy, "
+        "cilium:networkpolicy, kubernetes:annotation, kubernetes:cordon, kubernetes:delete, "
+        "kubernetes:drain, kubernetes:exec, kubernetes:label, kubernetes:labelize, "
+        "kubernetes:log, kubernetes:networkpolicy, kubernetes:script, kubernetes:terminate "
         "(at $[0].action.name)",
     ),
     (
@@ -100,8 +102,10 @@ BAD: list[tuple[str, str, str]] = [
         "unknown parameter",
         "- name: x\n  action:\n    name: kubernetes:terminate\n    parameters:\n"
         "      gracePeriod: 3\n",
-        "{f}:5:7: unknown key(s) 'gracePeriod'; allowed: gracePeriodSeconds, ignoreDaemonsets, "
-        "ignoreStatefulsets, minHealthyReplicas (at $[0].action.parameters)",
+        "{f}:5:7: unknown key(s) 'gracePeriod'; allowed: gracePeriodSeconds, "
+        "grace_period_seconds, ignoreDaemonsets, ignoreStatefulsets, ignore_daemonsets, "
+        "ignore_standalone_pods, ignore_statefulsets, minHealthyReplicas, min_healthy_replicas "
+        "(at $[0].action.parameters)",
     ),
     (
         "parameter of the wrong type",

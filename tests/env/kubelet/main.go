@@ -18,7 +18,13 @@
 //     minimal environment (PATH, HOSTNAME=<pod>, HOME=<that directory>, plus
 //     the literal `env` values of the container in the pod spec). A non-zero
 //     exit code reaches the client in the v4 status (error) channel. The
-//     "sandbox" is only a working directory, not an isolation boundary.
+//     "sandbox" is only a working directory, not an isolation boundary;
+//   - serves the endpoint the apiserver proxies `pods/log` to:
+//     /containerLogs/{namespace}/{pod}/{container}, with `tailLines`: the
+//     container's "log" is the file container.log in its sandbox directory
+//     (a command run through exec appends to it with `>> $HOME/container.log`);
+//     no file is an empty log. follow, previous, sinceSeconds, timestamps and
+//     limitBytes are not supported (400).
 //
 // /healthz answers 200 once the Node has been registered Ready (503 before).
 // SIGTERM/SIGINT: stop serving, kill running commands, mark the Node NotReady
@@ -253,9 +259,10 @@ func run(cfg config) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", k.handleHealthz)
 	mux.HandleFunc("/exec/", k.handleExec)
-	for _, p := range []string{"/attach/", "/portForward/", "/containerLogs/", "/run/", "/logs/", "/stats/", "/metrics", "/pods"} {
+	mux.HandleFunc("/containerLogs/", k.handleContainerLogs)
+	for _, p := range []string{"/attach/", "/portForward/", "/run/", "/logs/", "/stats/", "/metrics", "/pods"} {
 		mux.HandleFunc(p, func(w http.ResponseWriter, r *http.Request) {
-			http.Error(w, "talon-kubelet (test kubelet) only serves /exec and /healthz", http.StatusNotImplemented)
+			http.Error(w, "talon-kubelet (test kubelet) only serves /exec, /containerLogs and /healthz", http.StatusNotImplemented)
 		})
 	}
 	srv := &http.Server{
@@ -352,6 +359,62 @@ func (k *kubelet) handleHealthz(w http.ResponseWriter, _ *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = io.WriteString(w, "ok")
+}
+
+// ---------------------------------------------------------------- /containerLogs
+
+// handleContainerLogs serves <sandbox>/<ns>/<pod>/<container>/container.log,
+// its last tailLines lines when asked.
+func (k *kubelet) handleContainerLogs(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	parts := strings.Split(strings.Trim(strings.TrimPrefix(r.URL.Path, "/containerLogs/"), "/"), "/")
+	if len(parts) != 3 {
+		http.NotFound(w, r)
+		return
+	}
+	for _, p := range parts {
+		if !nameRE.MatchString(p) {
+			http.Error(w, fmt.Sprintf("invalid name %q", p), http.StatusBadRequest)
+			return
+		}
+	}
+	q := r.URL.Query()
+	for _, unsupported := range []string{"follow", "previous", "sinceSeconds", "sinceTime", "timestamps", "limitBytes"} {
+		if v := q.Get(unsupported); v != "" && v != "false" {
+			http.Error(w, "talon-kubelet does not support "+unsupported, http.StatusBadRequest)
+			return
+		}
+	}
+	tail := -1
+	if v := q.Get("tailLines"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			http.Error(w, fmt.Sprintf("invalid tailLines %q", v), http.StatusBadRequest)
+			return
+		}
+		tail = n
+	}
+	data, err := os.ReadFile(filepath.Join(k.cfg.sandboxRoot, parts[0], parts[1], parts[2], "container.log"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	text := string(data)
+	if tail >= 0 {
+		lines := strings.SplitAfter(text, "\n")
+		if len(lines) > 0 && lines[len(lines)-1] == "" {
+			lines = lines[:len(lines)-1]
+		}
+		if len(lines) > tail {
+			lines = lines[len(lines)-tail:]
+		}
+		text = strings.Join(lines, "")
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	_, _ = io.WriteString(w, text)
 }
 
 // ---------------------------------------------------------------- /exec
