@@ -39,6 +39,10 @@ class ActionContext:
     """The rule's ``action.parameters``, with the actionner's defaults filled in."""
     target: Target
     """The pod the event is about, when the event says (``k8s.pod.name``/``k8s.ns.name``)."""
+    talon: Mapping[str, str] = field(default_factory=dict)
+    """Talon's context for this step, as Falco Talon v0.3 names it: ``falco-talon.rule``,
+    ``falco-talon.action``, ``falco-talon.actionner``, ``falco-talon.event.id``, ... (see
+    ``engine.pipeline.talon_context``)."""
 
 
 RunFunc = Callable[[ActionContext], Awaitable[ActionResult]]

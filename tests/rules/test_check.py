@@ -83,8 +83,8 @@ BAD: list[tuple[str, str, str]] = [
     (
         "unknown key in a rule",
         "- name: x\n  action: {name: kubernetes:terminate}\n  contine: false\n",
-        "{f}:1:3: unknown key(s) 'contine'; allowed: action, before, continue, description, "
-        "match, name, notifiers (at $[0])",
+        "{f}:3:3: unknown key 'contine'; allowed: action, before, continue, description, "
+        "match, name, notifiers (at $[0].contine)",
     ),
     (
         "continue is a boolean",
@@ -100,8 +100,8 @@ BAD: list[tuple[str, str, str]] = [
         "unknown parameter",
         "- name: x\n  action:\n    name: kubernetes:terminate\n    parameters:\n"
         "      gracePeriod: 3\n",
-        "{f}:5:7: unknown key(s) 'gracePeriod'; allowed: gracePeriodSeconds, ignoreDaemonsets, "
-        "ignoreStatefulsets, minHealthyReplicas (at $[0].action.parameters)",
+        "{f}:5:7: unknown key 'gracePeriod'; allowed: gracePeriodSeconds, ignoreDaemonsets, "
+        "ignoreStatefulsets, minHealthyReplicas (at $[0].action.parameters.gracePeriod)",
     ),
     (
         "parameter of the wrong type",
