@@ -229,6 +229,33 @@ def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> Non
     click.echo(f"{len(ruleset.rules)} rule(s) in {len(ruleset.files)} file(s): valid")
 
 
+@cli.group()
+def rules() -> None:
+    """Rules files: check them, print them merged (Falco Talon v0.3 commands)."""
+
+
+rules.add_command(check, "check")
+
+
+@rules.command("print")
+@_common
+@click.pass_context
+def rules_print(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> None:
+    """Print the rules as loaded: every file merged, v0.3 actions resolved, as YAML."""
+    import yaml
+
+    from engine.rules import rule_data
+
+    class _Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    _, ruleset = _inputs(*_merged(ctx, config, rules))
+    data = [rule_data(r) for r in ruleset.rules]
+    click.echo("---")
+    click.echo(yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip())
+
+
 # -- explain -------------------------------------------------------------------------------------
 
 
@@ -374,6 +401,23 @@ def notifiers_list(output: str) -> None:
                 f"    {name}: {_type(schema)}{default}{secret} - "
                 f"{schema.get('description', '')} (env {env})"
             )
+
+
+@cli.group()
+def outputs() -> None:
+    """Inspect the installed outputs (where actionners' artifacts go)."""
+
+
+@outputs.command("list")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+def outputs_list(output: str) -> None:
+    """Each output. None exist in this version: a v0.3 rule's ``output`` is an error."""
+    if output == "json":
+        click.echo("[]")
+    else:
+        click.echo("no outputs installed (outputs are not available in this version)")
 
 
 @cli.command()

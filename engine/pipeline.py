@@ -319,10 +319,10 @@ class Pipeline:
             span = trace.start(actionner, state, **attributes)
         slog = elog.bind(rule=rule.name, action=actionner)
         started = time.perf_counter()
-        if self.dry_run:
-            result = ActionResult(Outcome.PLANNED, DRY_RUN_REASON, target=target)
-        elif step.action is not None and rule.dry_run:
+        if step.action is not None and rule.dry_run:
             result = ActionResult(Outcome.PLANNED, RULE_DRY_RUN_REASON, target=target)
+        elif self.dry_run:
+            result = ActionResult(Outcome.PLANNED, DRY_RUN_REASON, target=target)
         else:
             with activate(trace, span):
                 result = await self._call(run, step, span, slog)

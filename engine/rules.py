@@ -19,6 +19,7 @@ notifiers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -712,7 +713,7 @@ class RulesLoader:
         return ChainAction(
             name=action.name,
             actionner=spec.name,
-            parameters={**spec.defaults(), **action.parameters},
+            parameters=copy.deepcopy({**spec.defaults(), **action.parameters}),
             continue_=flag(action.scalars.get("continue", spec.continue_)),
             ignore_errors=flag(action.scalars.get("ignore_errors", False)),
             position=action.at.position,
@@ -882,3 +883,59 @@ class _Merge:
         action = _RawAction.read(doc, (i,), doc.value[i])
         earlier = self.blocks.get(action.name)
         self.blocks[action.name] = earlier.merged(action) if earlier is not None else action
+
+
+# --- printing ---------------------------------------------------------------------------------
+
+
+def _match_data(match: Match) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if match.rules:
+        out["rules"] = sorted(match.rules)
+    if match.priority is not None:
+        out["priority"] = str(match.priority)
+    if match.tags:
+        out["tags"] = [", ".join(sorted(group)) for group in match.tags]
+    if match.output_fields:
+        out["output_fields"] = [", ".join(map(str, group)) for group in match.output_fields]
+    if match.source is not None:
+        out["source"] = match.source
+    return out
+
+
+def rule_data(rule: Rule) -> dict[str, Any]:
+    """A loaded rule as rules-file data (``rules print``): v0.3 rules with every action
+    resolved (block, inline keys and later definitions merged, defaults filled in)."""
+    if not rule.is_chain:
+        out: dict[str, Any] = {"name": rule.name}
+        if rule.description:
+            out["description"] = rule.description
+        out["match"] = _match_data(rule.match)
+        out["action"] = {"name": rule.action, "parameters": dict(rule.parameters)}
+        out["continue"] = rule.continue_
+        out["before"] = rule.before
+        if rule.notifiers:
+            out["notifiers"] = list(rule.notifiers)
+        return out
+    out = {"rule": rule.name}
+    if rule.description:
+        out["description"] = rule.description
+    out["match"] = _match_data(rule.match)
+    out["continue"] = rule.continue_
+    out["dry_run"] = rule.dry_run
+    if rule.notifiers:
+        out["notifiers"] = list(rule.notifiers)
+    actions = []
+    for a in rule.chain:
+        item: dict[str, Any] = {"action": a.name}
+        if a.description:
+            item["description"] = a.description
+        item["actionner"] = a.actionner
+        item["parameters"] = dict(a.parameters)
+        item["continue"] = a.continue_
+        item["ignore_errors"] = a.ignore_errors
+        if a.additional_contexts:
+            item["additional_contexts"] = list(a.additional_contexts)
+        actions.append(item)
+    out["actions"] = actions
+    return out
