@@ -166,6 +166,7 @@ async def _serve(settings: Settings) -> None:
         action_timeout=settings.actions.timeout,
         tracing=tracing,
         metrics=metrics,
+        print_all_events=settings.logging.print_all_events,
     )
     watcher = None
     if settings.rules.watch:

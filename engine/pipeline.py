@@ -173,8 +173,11 @@ class Pipeline:
         action_timeout: float = 30.0,
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
+        print_all_events: bool = False,
     ) -> None:
         self.compiled = CompiledRules.of(rules)
+        self.print_all_events = print_all_events
+        """``printAllEvents``: log unmatched events at info level too."""
         self.actionners = actionners
         self.dispatcher = dispatcher
         self.default_notifiers = default_notifiers
@@ -253,7 +256,9 @@ class Pipeline:
 
     def _on_unmatched(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
         span.event("no rule matched", falco__rule=run.event.rule)
-        elog.debug("no rule matched", fields={"falco_rule": run.event.rule})
+        level = logging.INFO if self.print_all_events else logging.DEBUG
+        if elog.isEnabledFor(level):
+            elog.log(level, "no rule matched", fields={"falco_rule": run.event.rule})
 
     def _on_actions(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
         """The steps the machine skipped without running them (superseded ones)."""
