@@ -472,7 +472,9 @@ def rbac(
         merged = required_rules(
             actionners,
             notifiers,
-            only_actionners={r.action for r in ruleset.rules},
+            only_actionners={
+                a for r in ruleset.rules for a in ([c.actionner for c in r.chain] or [r.action])
+            },
             only_notifiers={n for r in ruleset.rules for n in r.notifiers}
             | set(_defaults(settings)),
         )

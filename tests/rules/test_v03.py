@@ -430,3 +430,11 @@ def test_explain_shows_every_step_of_the_v03_chains(
         (s["stage"], s["rule"], s["action"], s.get("action_name"), s["outcome"], s["reason"])
         for s in data["steps"]
     ] == expected
+
+
+def test_rbac_covers_every_actionner_of_a_v03_chain() -> None:
+    code, out = cli_run("rbac", "-r", "examples/v03/rules.yaml", "-o", "json")
+    assert code == 0, out
+    resources = {r for rule in json.loads(out)["rules"] for r in rule["resources"]}
+    # labelize, networkpolicy, exec and terminate are all in the chains
+    assert {"pods", "pods/exec", "networkpolicies", "replicasets"} <= resources
