@@ -150,3 +150,8 @@ def test_the_v03_commands(args: tuple[str, ...], expected: str) -> None:
 def test_outputs_list_as_json_is_an_empty_list() -> None:
     result = CliRunner().invoke(cli, ["outputs", "list", "-o", "json"])
     assert (result.exit_code, json.loads(result.output)) == (0, [])
+
+
+def test_check_reads_the_rules_files_a_v03_config_names() -> None:
+    result = CliRunner().invoke(cli, ["check", "-c", "examples/v03/config.yaml"])
+    assert (result.exit_code, result.output) == (0, "5 rule(s) in 2 file(s): valid\n")

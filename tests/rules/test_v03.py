@@ -235,6 +235,17 @@ BAD: list[tuple[str, list[str], list[str]]] = [
         ],
     ),
     (
+        "an unknown additional context",
+        [
+            "- rule: r\n  actions:\n    - action: a\n      actionner: test:record\n"
+            "      additional_contexts: [aws, gcp]\n"
+        ],
+        [
+            "{0}:5:34: 'gcp' is not a context; known: aws, k8snode "
+            "(at $[0].actions[0].additional_contexts[1])"
+        ],
+    ),
+    (
         "a rule without actions",
         ["- rule: r\n  match: {rules: [x]}\n"],
         ["{0}:1:9: rule 'r' has no actions (at $[0].rule)"],
