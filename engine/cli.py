@@ -167,6 +167,7 @@ async def _serve(settings: Settings) -> None:
         action_timeout=settings.actions.timeout,
         tracing=tracing,
         metrics=metrics,
+        print_all_events=settings.logging.print_all_events,
     )
     watcher = None
     if settings.rules.watch:
@@ -230,6 +231,33 @@ def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> Non
     click.echo(f"{len(ruleset.rules)} rule(s) in {len(ruleset.files)} file(s): valid")
 
 
+@cli.group()
+def rules() -> None:
+    """Rules files: check them, print them merged (Falco Talon v0.3 commands)."""
+
+
+rules.add_command(check, "check")
+
+
+@rules.command("print")
+@_common
+@click.pass_context
+def rules_print(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> None:
+    """Print the rules as loaded: every file merged, v0.3 actions resolved, as YAML."""
+    import yaml
+
+    from engine.rules import rule_data
+
+    class _Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    _, ruleset = _inputs(*_merged(ctx, config, rules))
+    data = [rule_data(r) for r in ruleset.rules]
+    click.echo("---")
+    click.echo(yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip())
+
+
 # -- explain -------------------------------------------------------------------------------------
 
 
@@ -285,7 +313,7 @@ def actionners() -> None:
     "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 def actionners_list(output: str) -> None:
-    """Each actionner: defaults, parameters and the Kubernetes RBAC rules it needs."""
+    """Each actionner: defaults, parameters, the output fields it needs and its RBAC rules."""
     registry, _ = load_plugins()
     data: list[dict[str, Any]] = [
         {
@@ -294,6 +322,8 @@ def actionners_list(output: str) -> None:
             "continue": s.continue_,
             "before": s.before,
             "parameters": s.parameters,
+            "requires": list(s.requires),
+            "alias_of": s.alias_of,
             "rbac": [r.as_dict() for r in s.rbac],
         }
         for s in registry
@@ -303,6 +333,10 @@ def actionners_list(output: str) -> None:
         return
     for item in data:
         click.echo(f"{item['name']}: {item['description']}")
+        if item["alias_of"]:
+            click.echo(f"  alias of: {item['alias_of']}")
+        if item["requires"]:
+            click.echo(f"  requires: {', '.join(item['requires'])}")
         click.echo(
             f"  defaults: continue: {str(item['continue']).lower()}, "
             f"before: {str(item['before']).lower()}"
@@ -312,6 +346,8 @@ def actionners_list(output: str) -> None:
         if props:
             click.echo("  parameters:")
             for name, schema in props.items():
+                if schema.get("deprecated"):
+                    continue  # the seed's camelCase spelling of a parameter listed beside it
                 extra = (
                     " (required)"
                     if name in required
@@ -377,6 +413,23 @@ def notifiers_list(output: str) -> None:
             )
 
 
+@cli.group()
+def outputs() -> None:
+    """Inspect the installed outputs (where actionners' artifacts go)."""
+
+
+@outputs.command("list")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+def outputs_list(output: str) -> None:
+    """Each output. None exist in this version: a v0.3 rule's ``output`` is an error."""
+    if output == "json":
+        click.echo("[]")
+    else:
+        click.echo("no outputs installed (outputs are not available in this version)")
+
+
 @cli.command()
 @_common
 @click.option(
@@ -428,7 +481,9 @@ def rbac(
         merged = required_rules(
             actionners,
             notifiers,
-            only_actionners={r.action for r in ruleset.rules},
+            only_actionners={
+                a for r in ruleset.rules for a in ([c.actionner for c in r.chain] or [r.action])
+            },
             only_notifiers={n for r in ruleset.rules for n in r.notifiers}
             | set(_defaults(settings)),
         )

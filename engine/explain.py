@@ -11,7 +11,7 @@ from engine.contract.actionners import ActionnerRegistry
 from engine.contract.event import FalcoEvent
 from engine.contract.results import Outcome
 from engine.machine import EventRun
-from engine.pipeline import Pipeline
+from engine.pipeline import DRY_RUN_REASON, Pipeline
 from engine.rules import RuleSet
 
 
@@ -27,11 +27,14 @@ async def explain(
 
 
 def explain_json(run: EventRun) -> dict[str, object]:
-    """The stable JSON shape: matched, steps (execution order, skipped included), notifiers."""
+    """The stable JSON shape: matched, steps (execution order, skipped included), notifiers.
+
+    A v0.3 chain step also has ``action_name`` (the action's name in the rule); a step of
+    a ``dry_run: true`` rule keeps the reason ``dry run``."""
     summary = run.summary()
     for step in summary["steps"]:
         step.pop("duration_ms", None)
-        if step["outcome"] == Outcome.PLANNED.value:
+        if step["outcome"] == Outcome.PLANNED.value and step["reason"] == DRY_RUN_REASON:
             step["reason"] = ""
     return summary
 
@@ -48,6 +51,13 @@ def explain_text(run: EventRun) -> str:
         return "\n".join(lines)
     lines.append(f"Matched {len(run.matched)} rule(s), in rule order:")
     for rule in run.matched:
+        if rule.is_chain:
+            flags = [f"continue: {str(rule.continue_).lower()}"]
+            if rule.dry_run:
+                flags.append("dry_run: true")
+            chain = " > ".join(f"{a.name} ({a.actionner})" for a in rule.chain)
+            lines.append(f"  - {rule.name} (v0.3) -> {chain}; " + ", ".join(flags))
+            continue
         flags = []
         for name, value, explicit in (
             ("before", rule.before, rule.before_set),
@@ -59,8 +69,9 @@ def explain_text(run: EventRun) -> str:
     lines.append("Plan, in execution order:")
     for i, step in enumerate(run.steps, 1):
         verb = "would run" if step.outcome is Outcome.PLANNED else step.outcome.value
-        line = f"  {i}. [{step.stage.value}] {step.rule.name}: {step.rule.action} {verb}"
-        if step.outcome is Outcome.SKIPPED:
+        what = step.actionner if step.action is None else f"{step.action.name} ({step.actionner})"
+        line = f"  {i}. [{step.stage.value}] {step.rule.name}: {what} {verb}"
+        if step.outcome is Outcome.SKIPPED or (step.reason and step.reason != DRY_RUN_REASON):
             line += f" ({step.reason})"
         lines.append(line)
     notified = run.summary()["notifiers"]

@@ -12,13 +12,24 @@ trigger to every model.
 
     received --advance [has_matches]--> matched --advance--> before-actions
     received --advance [no match]----> unmatched (terminal)
-    before-actions --advance--> actions --advance--> notified (terminal)
+    before-actions --advance--> actions
+    actions --advance [a v0.3 action is next]--> chain --advance [another one]--> chain
+    actions / chain --advance [otherwise]--> notified (terminal)
     any non-terminal --fail--> failed (terminal)
 
 Entering ``before-actions`` plans the matched rules whose effective ``before`` is true, in
 rule order. Entering ``actions`` plans the rest: if one of them has effective
 ``continue: false`` the *first* such rule runs alone and every other one is skipped
 ("superseded by rule X, continue: false"); otherwise they all run in rule order.
+Seed rules (``- name:``) run in those two stages. v0.3 rules (``- rule:``) run after them,
+in the ``chain`` state, entered once per action: leaving ``actions`` queues every matched
+v0.3 rule's actions (rules in rule order, actions in chain order); each time an action
+has run, :meth:`EventRun.settle_chain` applies the v0.3 semantics to the queue: after a
+failed action (unless ``ignore_errors``) or an action whose effective ``continue`` is
+false, the rest of that rule's chain is skipped; once a rule is done, if its
+``continue`` is false every later v0.3 rule is skipped. The two syntaxes do not stop each
+other: a seed ``continue: false`` supersedes seed rules only, a v0.3 ``continue: false``
+stops v0.3 rules only.
 Entering ``notified`` addresses every action result to the rule's notifiers plus the
 default notifiers.
 """
@@ -26,6 +37,7 @@ default notifiers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -35,7 +47,7 @@ from transitions import Machine
 from engine.contract.event import FalcoEvent
 from engine.contract.results import ActionResult, Outcome
 from engine.matcher import Matcher
-from engine.rules import Rule
+from engine.rules import ChainAction, Rule
 
 
 class Stage(StrEnum):
@@ -46,6 +58,7 @@ class Stage(StrEnum):
     UNMATCHED = "unmatched"
     BEFORE_ACTIONS = "before-actions"
     ACTIONS = "actions"
+    CHAIN = "chain"
     NOTIFIED = "notified"
     FAILED = "failed"
 
@@ -65,19 +78,31 @@ class Step:
     result: ActionResult | None = None
     duration: float = 0.0
     """Seconds the actionner took."""
+    action: ChainAction | None = None
+    """The v0.3 chain action this step runs (None: the seed rule's one action)."""
 
     @property
     def ran(self) -> bool:
         return self.result is not None
 
+    @property
+    def actionner(self) -> str:
+        return self.action.actionner if self.action is not None else self.rule.action
+
+    @property
+    def parameters(self) -> Mapping[str, Any]:
+        return self.action.parameters if self.action is not None else self.rule.parameters
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "stage": self.stage.value,
             "rule": self.rule.name,
-            "action": self.rule.action,
+            "action": self.actionner,
             "outcome": self.outcome.value,
             "reason": self.reason,
         }
+        if self.action is not None:
+            out["action_name"] = self.action.name
         if self.result is not None:
             out["duration_ms"] = round(self.duration * 1000, 3)
             if self.result.output:
@@ -112,6 +137,10 @@ class EventRun:
     """States entered, with ``time.monotonic()`` at entry."""
     error: str = ""
     trace_id: str = ""
+    chain: list[Step] = field(default_factory=list)
+    """The v0.3 chain steps still to run, in order (their steps are in ``steps`` already)."""
+    chain_last: Step | None = None
+    """The v0.3 chain step that ran last."""
 
     # -- conditions and callbacks named in the machine definition ----------------------------
 
@@ -127,11 +156,13 @@ class EventRun:
         self.pending = []
 
     def plan_before_actions(self) -> None:
-        self.pending = [Step(Stage.BEFORE_ACTIONS, r) for r in self.matched if r.before]
+        self.pending = [
+            Step(Stage.BEFORE_ACTIONS, r) for r in self.matched if r.before and not r.is_chain
+        ]
         self.steps.extend(self.pending)
 
     def plan_actions(self) -> None:
-        remaining = [r for r in self.matched if not r.before]
+        remaining = [r for r in self.matched if not r.before and not r.is_chain]
         stopper = next((r for r in remaining if not r.continue_), None)
         for rule in remaining:
             step = Step(Stage.ACTIONS, rule)
@@ -141,6 +172,52 @@ class EventRun:
             else:
                 step.outcome = Outcome.SKIPPED
                 step.reason = f"superseded by rule {stopper.name!r}, continue: false"
+
+    def queue_chains(self) -> None:
+        """Queue every action of every matched v0.3 rule: rules in rule order, each rule's
+        actions in chain order."""
+        self.chain = [
+            Step(Stage.CHAIN, rule, action=action)
+            for rule in self.matched
+            if rule.is_chain
+            for action in rule.chain
+        ]
+        self.steps.extend(self.chain)
+
+    def has_chain_step(self) -> bool:
+        return bool(self.chain)
+
+    def settle_chain(self) -> None:
+        """After a chain step ran: skip what the v0.3 semantics say must not run."""
+        last = self.chain_last
+        if last is None or last.action is None:
+            return
+        action, rule = last.action, last.rule
+        stop = ""
+        if last.outcome is Outcome.FAILED and not action.ignore_errors:
+            stop = f"chain stopped: action {action.name!r} failed"
+        elif not action.continue_:
+            origin = "" if action.continue_set else f" (default of {action.actionner})"
+            stop = f"chain stopped: action {action.name!r} has continue: false{origin}"
+        if stop:
+            self._skip_chain(lambda s: s.rule is rule, stop)
+        if not rule.continue_ and not any(s.rule is rule for s in self.chain):
+            self._skip_chain(lambda s: True, f"rule {rule.name!r} has continue: false")
+
+    def _skip_chain(self, which: Callable[[Step], bool], reason: str) -> None:
+        keep = []
+        for step in self.chain:
+            if which(step):
+                step.outcome = Outcome.SKIPPED
+                step.reason = reason
+            else:
+                keep.append(step)
+        self.chain = keep
+
+    def plan_chain_step(self) -> None:
+        step = self.chain.pop(0)
+        self.chain_last = step
+        self.pending = [step]
 
     def plan_notifications(self) -> None:
         for step in self.steps:
@@ -199,7 +276,22 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "advance", "source": Stage.RECEIVED.value, "dest": Stage.UNMATCHED.value},
     {"trigger": "advance", "source": Stage.MATCHED.value, "dest": Stage.BEFORE_ACTIONS.value},
     {"trigger": "advance", "source": Stage.BEFORE_ACTIONS.value, "dest": Stage.ACTIONS.value},
+    {
+        "trigger": "advance",
+        "source": Stage.ACTIONS.value,
+        "dest": Stage.CHAIN.value,
+        "prepare": "queue_chains",
+        "conditions": "has_chain_step",
+    },
     {"trigger": "advance", "source": Stage.ACTIONS.value, "dest": Stage.NOTIFIED.value},
+    {
+        "trigger": "advance",
+        "source": Stage.CHAIN.value,
+        "dest": Stage.CHAIN.value,
+        "prepare": "settle_chain",
+        "conditions": "has_chain_step",
+    },
+    {"trigger": "advance", "source": Stage.CHAIN.value, "dest": Stage.NOTIFIED.value},
     {
         "trigger": "fail",
         "source": [s.value for s in Stage if s not in TERMINAL],
@@ -213,6 +305,7 @@ STATES: list[dict[str, Any]] = [
     {"name": Stage.UNMATCHED.value, "on_enter": ["record_state"]},
     {"name": Stage.BEFORE_ACTIONS.value, "on_enter": ["record_state", "plan_before_actions"]},
     {"name": Stage.ACTIONS.value, "on_enter": ["record_state", "plan_actions"]},
+    {"name": Stage.CHAIN.value, "on_enter": ["record_state", "plan_chain_step"]},
     {"name": Stage.NOTIFIED.value, "on_enter": ["record_state", "plan_notifications"]},
     {"name": Stage.FAILED.value, "on_enter": ["record_state"]},
 ]
@@ -223,6 +316,11 @@ LABELS: dict[str, str] = {
     "evaluate_rules": "evaluate every rule",
     "plan_before_actions": "plan rules with before: true, in rule order",
     "plan_actions": "plan the rest: the first continue: false rule supersedes the others",
+    "queue_chains": "queue the matched v0.3 rules' actions, in rule then chain order",
+    "has_chain_step": "a v0.3 action is queued",
+    "settle_chain": "skip the rule's rest if the action failed (no ignore_errors) or has "
+    "continue: false; skip later rules if the rule is done and has continue: false",
+    "plan_chain_step": "plan the next queued v0.3 action",
     "plan_notifications": "address each result to the rule's notifiers + defaultNotifiers",
 }
 """Human wording of the callbacks, for diagrams."""

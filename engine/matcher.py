@@ -51,9 +51,12 @@ def compile_match(match: Match, *, skip_priority: bool = False, skip_rules: bool
     prio = None if skip_priority else match.priority
     tags = match.tags
     fields = match.output_fields
+    source = match.source
 
     def check(event: FalcoEvent) -> bool:
         if names and not skip_rules and event.rule not in names:
+            return False
+        if source is not None and event.source != source:
             return False
         if prio is not None and not prio.accepts(event.level):
             return False
@@ -117,7 +120,7 @@ class Matcher:
         for lvl in self._by_level:
             if m.priority is None or m.priority.accepts(lvl):
                 self._by_level[lvl].append(i)
-        if not m.tags and len(m.output_fields) == 1:
+        if not m.tags and m.source is None and len(m.output_fields) == 1:
             # Only "key!=value" conditions are left: the rule holds unless the event has one
             # of those values, which the exclusion table answers in one lookup per key.
             for cond in m.output_fields[0]:
@@ -133,6 +136,7 @@ class Matcher:
             priority=None if skip.get("skip_priority") else m.priority,
             tags=m.tags,
             output_fields=m.output_fields,
+            source=m.source,
         )
         if rest == Match():
             return _always

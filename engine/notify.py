@@ -93,7 +93,7 @@ class Dispatcher:
             note = Notification(
                 event=run.event,
                 rule=d.step.rule.name,
-                action=d.step.rule.action,
+                action=d.step.actionner,
                 stage=d.step.stage.value,
                 result=result,
                 trace_id=run.trace_id,

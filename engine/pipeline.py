@@ -12,6 +12,7 @@ is logged with the event id, and never escapes to the worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -28,7 +29,7 @@ from engine.contract.retry import Retried, retry
 from engine.machine import EventRun, Step
 from engine.matcher import Matcher
 from engine.notify import Dispatcher
-from engine.rules import RuleSet
+from engine.rules import Rule, RuleSet
 from observability.eventlog import EventLogger, event_logger
 from observability.metrics import Metrics
 from observability.tracing import NO_SPAN, SpanRecord, Trace, Tracing, activate
@@ -50,25 +51,85 @@ def _event_attributes(event: FalcoEvent) -> dict[str, Any]:
     }
 
 
+DRY_RUN_REASON = "dry run: nothing was touched"
+"""The reason of every step when the whole pipeline plans only (``dryRun``, ``explain``)."""
+RULE_DRY_RUN_REASON = "dry run"
+"""The reason of a v0.3 rule's steps when the rule says ``dry_run: true``."""
+
+
+def talon_context(run: EventRun, step: Step) -> dict[str, str]:
+    """The ``falco-talon.*`` context of one step, keyed as Falco Talon v0.3 keys it (empty
+    values left out), plus the event id."""
+    rule, action = step.rule, step.action
+    out = {
+        "falco-talon.event.id": run.event.id,
+        "falco-talon.rule": rule.name,
+        "falco-talon.actionner": step.actionner,
+        "falco-talon.action.parameters": json.dumps(dict(step.parameters), default=str),
+    }
+    if action is not None:
+        out["falco-talon.action"] = action.name
+        out["falco-talon.rule.continue"] = str(rule.continue_).lower()
+        out["falco-talon.rule.dry_run"] = str(rule.dry_run).lower()
+        out["falco-talon.action.continue"] = str(action.continue_).lower()
+        out["falco-talon.action.ignore_errors"] = str(action.ignore_errors).lower()
+    else:
+        out["falco-talon.action"] = rule.action
+        out["falco-talon.rule.continue"] = str(rule.continue_).lower()
+    return out
+
+
 class _StateSpans:
     """One span per state of a run, each ended when the next state is entered; all built
-    only when the trace is sampled (unsampled: not even their attributes are)."""
+    only when the trace is sampled (unsampled: not even their attributes are). The
+    ``chain`` state, entered once per v0.3 action, keeps one span, with a span per rule
+    under it and each action's span under its rule's."""
 
     def __init__(self, trace: Trace, parent: SpanRecord | None, event: FalcoEvent) -> None:
         self.trace = trace
         self.parent = parent
         self.event_id = event.id
+        self.state = machine.Stage.RECEIVED.value
         self.current = (
             trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
             if trace.sampled
             else NO_SPAN
         )
+        self.rule_span: SpanRecord = NO_SPAN
+        self.rule: Rule | None = None
 
     def enter(self, state: str) -> SpanRecord:
+        if state == self.state:
+            return self.current
+        self.state = state
+        self._end_rule()
         self.current.end()
         if self.trace.sampled:
             self.current = self.trace.start(state, self.parent, talon__event_id=self.event_id)
         return self.current
+
+    def parent_of(self, step: Step) -> SpanRecord:
+        """Where ``step``'s span goes: under its rule's span for a v0.3 chain step."""
+        if step.action is None or not self.trace.sampled:
+            return self.current
+        if self.rule is not step.rule:
+            self._end_rule()
+            rule = step.rule
+            self.rule = rule
+            self.rule_span = self.trace.start(
+                "rule",
+                self.current,
+                talon__rule=rule.name,
+                talon__continue=rule.continue_,
+                talon__dry_run=rule.dry_run,
+                talon__actions=[a.name for a in rule.chain],
+            )
+        return self.rule_span
+
+    def _end_rule(self) -> None:
+        self.rule_span.end()
+        self.rule_span = NO_SPAN
+        self.rule = None
 
     def failed(self, exc: BaseException, state: str, error: str) -> None:
         """The run broke in the current state: mark that span, open one for ``failed``."""
@@ -78,6 +139,7 @@ class _StateSpans:
         self.current.fail(error)
 
     def end(self) -> None:
+        self._end_rule()
         self.current.end()
 
 
@@ -111,8 +173,11 @@ class Pipeline:
         action_timeout: float = 30.0,
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
+        print_all_events: bool = False,
     ) -> None:
         self.compiled = CompiledRules.of(rules)
+        self.print_all_events = print_all_events
+        """``printAllEvents``: log unmatched events at info level too."""
         self.actionners = actionners
         self.dispatcher = dispatcher
         self.default_notifiers = default_notifiers
@@ -159,7 +224,7 @@ class Pipeline:
                 span = spans.enter(run.state)
                 with activate(trace, span):
                     for step in run.pending:
-                        await self._execute(run, step, trace, span, elog)
+                        await self._execute(run, step, trace, spans.parent_of(step), elog)
                     observe = self._observers.get(run.state)
                     if observe is not None:
                         observe(run, span, elog)
@@ -191,35 +256,43 @@ class Pipeline:
 
     def _on_unmatched(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
         span.event("no rule matched", falco__rule=run.event.rule)
-        elog.debug("no rule matched", fields={"falco_rule": run.event.rule})
+        level = logging.INFO if self.print_all_events else logging.DEBUG
+        if elog.isEnabledFor(level):
+            elog.log(level, "no rule matched", fields={"falco_rule": run.event.rule})
 
     def _on_actions(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
         """The steps the machine skipped without running them (superseded ones)."""
-        for step in run.steps:
-            if step.stage is machine.Stage.ACTIONS and not step.ran:
-                rule = step.rule
-                span.event(
-                    "step skipped",
-                    talon__rule=rule.name,
-                    talon__action=rule.action,
-                    talon__reason=step.reason,
+        self._skipped([s for s in run.steps if s.stage is machine.Stage.ACTIONS], span, elog)
+
+    def _skipped(self, steps: list[Step], span: SpanRecord, elog: EventLogger) -> None:
+        for step in steps:
+            if step.ran or step.outcome is not Outcome.SKIPPED:
+                continue
+            rule = step.rule
+            span.event(
+                "step skipped",
+                talon__rule=rule.name,
+                talon__action=step.actionner,
+                talon__reason=step.reason,
+            )
+            self._count_action(step.actionner, Outcome.SKIPPED)
+            if elog.isEnabledFor(logging.INFO):
+                fields = {
+                    "rule": rule.name,
+                    "action": step.actionner,
+                    "stage": step.stage.value,
+                    "outcome": "skipped",
+                }
+                if step.action is not None:
+                    fields["action_name"] = step.action.name
+                elog.info(
+                    "%s skipped: %s (%s)", step.actionner, rule.name, step.reason, fields=fields
                 )
-                self._count_action(rule.action, Outcome.SKIPPED)
-                if elog.isEnabledFor(logging.INFO):
-                    elog.info(
-                        "%s skipped: %s (%s)",
-                        rule.action,
-                        rule.name,
-                        step.reason,
-                        fields={
-                            "rule": rule.name,
-                            "action": rule.action,
-                            "stage": step.stage.value,
-                            "outcome": "skipped",
-                        },
-                    )
 
     def _on_notified(self, run: EventRun, span: SpanRecord, elog: EventLogger) -> None:
+        """The v0.3 chain steps the machine skipped (known once the chain is over), and
+        the notifications."""
+        self._skipped([s for s in run.steps if s.stage is machine.Stage.CHAIN], span, elog)
         span.set(talon__notifications=len(run.deliveries))
 
     def _count_action(self, actionner: str, outcome: Outcome, seconds: float | None = None) -> None:
@@ -230,25 +303,31 @@ class Pipeline:
         self, run: EventRun, step: Step, trace: Trace, state: SpanRecord, elog: EventLogger
     ) -> None:
         rule = step.rule
+        actionner = step.actionner
         target = run.event.target
-        span = (
-            NO_SPAN
-            if not trace.sampled
-            else trace.start(
-                rule.action,
-                state,
-                talon__rule=rule.name,
-                talon__action=rule.action,
-                talon__before=rule.before,
-                talon__continue=rule.continue_,
-                k8s__pod__name=target.pod,
-                k8s__namespace__name=target.namespace,
-            )
-        )
-        slog = elog.bind(rule=rule.name, action=rule.action)
+        span: SpanRecord = NO_SPAN
+        if trace.sampled:
+            attributes: dict[str, Any] = {
+                "talon__rule": rule.name,
+                "talon__action": actionner,
+                "talon__before": rule.before,
+                "talon__continue": rule.continue_,
+                "k8s__pod__name": target.pod,
+                "k8s__namespace__name": target.namespace,
+            }
+            if step.action is not None:
+                attributes.update(
+                    talon__action_name=step.action.name,
+                    talon__continue=step.action.continue_,
+                    talon__ignore_errors=step.action.ignore_errors,
+                )
+            span = trace.start(actionner, state, **attributes)
+        slog = elog.bind(rule=rule.name, action=actionner)
         started = time.perf_counter()
-        if self.dry_run:
-            result = ActionResult(Outcome.PLANNED, "dry run: nothing was touched", target=target)
+        if step.action is not None and rule.dry_run:
+            result = ActionResult(Outcome.PLANNED, RULE_DRY_RUN_REASON, target=target)
+        elif self.dry_run:
+            result = ActionResult(Outcome.PLANNED, DRY_RUN_REASON, target=target)
         else:
             with activate(trace, span):
                 result = await self._call(run, step, span, slog)
@@ -261,14 +340,14 @@ class Pipeline:
         if result.outcome is Outcome.FAILED:
             span.fail(result.reason)
         span.end()
-        self._count_action(rule.action, result.outcome, step.duration)
+        self._count_action(actionner, result.outcome, step.duration)
         level = logging.WARNING if result.outcome is Outcome.FAILED else logging.INFO
         if not slog.isEnabledFor(level):
             return
         slog.log(
             level,
             "%s %s: %s%s",
-            rule.action,
+            actionner,
             result.outcome.value,
             rule.name,
             f" ({result.reason})" if result.reason else "",
@@ -285,19 +364,24 @@ class Pipeline:
         """Run the step's actionner under its handler policy: one timeout for the whole
         step, a ``TemporaryError`` retried with backoff up to the policy's attempts."""
         rule = step.rule
+        actionner = step.actionner
         target = run.event.target
-        spec = self.actionners.get(rule.action)
+        spec = self.actionners.get(actionner)
         if spec is None:
-            return ActionResult.failed(f"actionner {rule.action!r} is not installed", target)
+            return ActionResult.failed(f"actionner {actionner!r} is not installed", target)
         ctx = ActionContext(
-            event=run.event, rule=rule.name, parameters=rule.parameters, target=target
+            event=run.event,
+            rule=rule.name,
+            parameters=step.parameters,
+            target=target,
+            talon=talon_context(run, step),
         )
         policy = spec.policy
         timeout = self.action_timeout if policy.timeout is None else policy.timeout
 
         def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
             span.event("retry", talon__attempt=attempt, talon__reason=str(exc), talon__delay_s=wait)
-            slog.warning("%s failed (%s), retry %d in %.2fs", rule.action, exc, attempt, wait)
+            slog.warning("%s failed (%s), retry %d in %.2fs", actionner, exc, attempt, wait)
 
         try:
             return await asyncio.wait_for(
@@ -313,5 +397,5 @@ class Pipeline:
                     reason = f"{reason} (after {failed.attempts} attempts)"
                 return ActionResult.failed(reason, target)
             span.fail(f"{type(exc).__name__}: {exc}", exc)
-            slog.error("actionner %s raised", rule.action, exc_info=exc)
+            slog.error("actionner %s raised", actionner, exc_info=exc)
             return ActionResult.failed(f"{type(exc).__name__}: {exc}", target)

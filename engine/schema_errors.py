@@ -61,6 +61,20 @@ def config_problems(err: jsonschema.ValidationError) -> list[Problem]:
     return [(path, err.message)]
 
 
+def rule_problems(err: jsonschema.ValidationError) -> list[tuple[tuple[Any, ...], str, bool]]:
+    """A rules error as (path, message, at_key) triples: an unknown key is one error per
+    key, reported at the key itself (``at_key``), not at the mapping that holds it."""
+    path = tuple(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted(_allowed(err))
+        shown = ", ".join(allowed) or "none"
+        return [
+            ((*path, extra), f"unknown key {extra!r}; allowed: {shown}", True)
+            for extra in sorted(set(err.instance) - set(allowed), key=str)
+        ]
+    return [(path, rule_message(err), False)]
+
+
 def rule_message(err: jsonschema.ValidationError) -> str:
     """A rules error, preferring the schema's own ``errorMessage``."""
     custom = err.schema.get("errorMessage") if isinstance(err.schema, dict) else None

@@ -48,6 +48,9 @@ class Document:
     file: str
     value: Any
     positions: dict[PathKey, Position] = field(default_factory=dict)
+    """Where each value starts, by JSON path."""
+    key_positions: dict[PathKey, Position] = field(default_factory=dict)
+    """Where each mapping key stands, by the JSON path of its value."""
     errors: list[SourceError] = field(default_factory=list)
 
     def position(self, path: PathKey) -> Position:
@@ -57,6 +60,11 @@ class Document:
             if pos is not None:
                 return pos
         return Position(self.file, 1, 1)
+
+    def key_position(self, path: PathKey) -> Position:
+        """The position of the key naming ``path`` (for "unknown key" errors), else of the
+        value or its nearest ancestor."""
+        return self.key_positions.get(tuple(path)) or self.position(path)
 
 
 def json_path(path: PathKey) -> str:
@@ -110,6 +118,9 @@ def _build(node: yaml.Node, path: PathKey, doc: Document, constructor: yaml.Safe
             if not isinstance(key, str):
                 key = str(key)
             child = (*path, key)
+            doc.key_positions[child] = Position(
+                doc.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            )
             if key in out:
                 doc.errors.append(
                     SourceError(

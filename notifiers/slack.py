@@ -29,6 +29,7 @@ SETTINGS: dict[str, Any] = {
     "required": ["webhookurl"],
     "properties": {
         "webhookurl": {
+            "x-v03": "webhook_url",
             "type": "string",
             "pattern": "^https?://",
             "description": "The incoming webhook URL (secret).",

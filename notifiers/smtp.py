@@ -38,6 +38,7 @@ SETTINGS: dict[str, Any] = {
     "required": ["hostport", "from", "to"],
     "properties": {
         "hostport": {
+            "x-v03": "host_port",
             "type": "string",
             "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):[0-9]{1,5}$",
             "description": "The SMTP server as host:port ([::1]:25 for IPv6).",

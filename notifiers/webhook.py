@@ -45,12 +45,14 @@ SETTINGS: dict[str, Any] = {
             "description": "Where to send the JSON document (secret: it may hold a token).",
         },
         "method": {
+            "x-v03": "http_method",
             "type": "string",
             "enum": ["POST", "PUT"],
             "default": "POST",
             "description": "HTTP method.",
         },
         "headers": {
+            "x-v03": "custom_headers",
             "type": "object",
             "additionalProperties": {"type": "string"},
             "default": {},

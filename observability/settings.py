@@ -12,6 +12,8 @@ the environment variables and the redaction from it:
     standard OpenTelemetry variables read when ``OTEL_<KEY>`` is not set, first set wins;
 ``disabled_by``
     a variable that, set to ``true``, turns the boolean off;
+``v03``
+    the Falco Talon v0.3 spelling of the key, accepted beside it (``engine.config.compat``);
 ``secret``
     never shown: values are redacted from messages and from ``falco-talon config``.
 """
@@ -32,6 +34,7 @@ class TracingSettings:
             "key": "enabled",
             "schema": {"type": "boolean", "default": False, "description": "Export traces."},
             "disabled_by": "OTEL_SDK_DISABLED",
+            "v03": "traces_enabled",
         },
     )
     endpoint: str = field(
@@ -72,6 +75,7 @@ class TracingSettings:
         metadata={
             "key": "insecure",
             "schema": {"type": "boolean", "default": True, "description": "gRPC without TLS."},
+            "v03": "collector_use_insecure_grpc",
         },
     )
     timeout: float = field(

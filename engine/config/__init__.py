@@ -12,7 +12,8 @@ key or a wrong type is a clear start-up error.
 
 This package's names are the public surface; the modules below it, one job each:
 ``settings`` (the dataclasses, the config keys, the schema), ``environment`` (reading
-variables), ``loading`` (layering, validation, errors), ``redaction`` (secrets).
+variables), ``compat`` (Falco Talon v0.3 keys and variables, renamed to today's before
+validation), ``loading`` (layering, validation, errors), ``redaction`` (secrets).
 """
 
 from engine.config.loading import (

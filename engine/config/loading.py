@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 
+from engine.config.compat import normalize_env, normalize_file
 from engine.config.environment import env_layer
 from engine.config.redaction import redact_message
 from engine.config.settings import DEFAULT_CONFIG, GROUPS, OPTIONS, Settings, config_schema
@@ -55,6 +56,9 @@ def load_settings(
             raise ConfigError(f"{file}: cannot read config: {exc.strerror}") from None
         if doc.errors:
             raise ConfigError("\n".join(str(e) for e in doc.errors))
+        both = normalize_file(doc, notifiers)
+        if both:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(both))
     elif path is not None:
         raise ConfigError(f"{path}: config file not found")
     raw: dict[str, Any] = {}
@@ -62,7 +66,7 @@ def load_settings(
         if not isinstance(doc.value, dict):
             raise ConfigError(f"{doc.file}:1:1: the config must be a mapping of keys to values")
         raw = dict(doc.value)
-    from_env = env_layer(env, notifiers)
+    from_env = env_layer(normalize_env(env, notifiers), notifiers)
     merged = _merge(_merge(raw, from_env), overrides or {})
     validator = jsonschema.Draft202012Validator(config_schema(notifiers))
     errors = []

@@ -11,6 +11,7 @@ layer, the build and the redaction are all derived from it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,10 +25,13 @@ TRACE_URL_PATTERN = r"^$|^https?://[^\s/{}]+[^\s]*\{trace_id\}[^\s]*$"
 """``traceUrl``: empty, or an http(s) URL with a host and ``{trace_id}`` somewhere after it."""
 
 
-def _opt(key: str, default: Any, schema: dict[str, Any], help: str) -> Any:
-    """A settings field bound to config key ``key`` (env var ``key.upper()``)."""
+def _opt(key: str, default: Any, schema: dict[str, Any], help: str, v03: str = "") -> Any:
+    """A settings field bound to config key ``key`` (env var ``key.upper()``); ``v03``: the
+    Falco Talon v0.3 spelling of the key, accepted too (env var ``v03.upper()``)."""
     factory = (lambda: type(default)(default)) if isinstance(default, (list, dict)) else None
-    meta = {"key": key, "schema": {**schema, "description": help}}
+    meta: dict[str, Any] = {"key": key, "schema": {**schema, "description": help}}
+    if v03:
+        meta["v03"] = v03
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,13 +42,14 @@ class ServerSettings:
     """The HTTP server that receives Falco events."""
 
     listen_address: str = _opt(
-        "listenAddress", "0.0.0.0", {"type": "string"}, "Address to listen on."
+        "listenAddress", "0.0.0.0", {"type": "string"}, "Address to listen on.", "listen_address"
     )
     listen_port: int = _opt(
         "listenPort",
         2803,
         {"type": "integer", "minimum": 0, "maximum": 65535},
         "Port to listen on.",
+        "listen_port",
     )
     max_body_size: int = _opt(
         "maxBodySize",
@@ -78,12 +83,14 @@ class RulesSettings:
         [DEFAULT_RULES],
         {"type": ["string", "array"], "items": {"type": "string"}},
         "Rules file(s) or directories, in order (a string or a list).",
+        "rules_files",
     )
     watch: bool = _opt(
         "watchRules",
         True,
         {"type": "boolean"},
         "Reload the rules when a file changes (ConfigMap mounts included).",
+        "watch_rules",
     )
 
 
@@ -105,6 +112,7 @@ class ActionSettings:
         "",
         {"type": "string"},
         "Kubeconfig file; empty: in-cluster config, else ~/.kube/config.",
+        "kubeconfig",
     )
 
 
@@ -117,6 +125,7 @@ class NotificationSettings:
         [],
         {"type": ["string", "array"], "items": {"type": "string"}},
         "Notifiers that receive every action result.",
+        "default_notifiers",
     )
     notifiers: dict[str, dict[str, Any]] = _opt(
         "notifiers", {}, {"type": "object"}, "Settings per notifier, by notifier name."
@@ -156,12 +165,41 @@ class LoggingSettings:
         "color",
         {"type": "string", "enum": ["color", "text", "json"]},
         "color (terminal), text, or json (one object per line).",
+        "log_format",
     )
     level: str = _opt(
         "logLevel",
         "info",
         {"type": "string", "enum": ["debug", "info", "warning", "error"]},
         "Lowest level logged.",
+    )
+    print_all_events: bool = _opt(
+        "printAllEvents",
+        False,
+        {"type": "boolean"},
+        "Log every event received at info level, also those no rule matches.",
+        "print_all_events",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeduplicationSettings:
+    """Falco Talon v0.3's ``deduplication`` section: accepted and validated; no effect yet
+    (README "Configuration")."""
+
+    leader_election: bool = _opt(
+        "leaderElection",
+        True,
+        {"type": "boolean"},
+        "Only the leader replica runs actions (not implemented yet: no effect).",
+        "leader_election",
+    )
+    time_window_seconds: int = _opt(
+        "timeWindowSeconds",
+        5,
+        {"type": "integer", "minimum": 0},
+        "Identical events within this window run once (not implemented yet: no effect).",
+        "time_window_seconds",
     )
 
 
@@ -174,6 +212,17 @@ class Settings:
     actions: ActionSettings = field(default_factory=ActionSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    deduplication: DeduplicationSettings = field(
+        default_factory=DeduplicationSettings,
+        metadata={
+            "key": "deduplication",
+            "schema": {
+                "type": "object",
+                "description": "Falco Talon v0.3's event deduplication: accepted, no effect yet.",
+                "additionalProperties": False,
+            },
+        },
+    )
     tracing: TracingSettings = field(
         default_factory=TracingSettings,
         metadata={
@@ -206,6 +255,8 @@ class Option:
     """A variable that, set to ``true``, turns this boolean off."""
     secret: bool = False
     """Never shown: redacted from messages and from the effective config."""
+    v03: str = ""
+    """The Falco Talon v0.3 spelling of the key (``listen_port``), accepted beside it."""
     fields: tuple[Option, ...] = ()
     """A section's keys."""
 
@@ -231,6 +282,7 @@ def _option(group: str, f: Any, fields_: tuple[Option, ...] = ()) -> Option:
         env=tuple(meta.get("env", ())),
         disabled_by=meta.get("disabled_by", ""),
         secret=bool(meta.get("secret", False)),
+        v03=meta.get("v03", ""),
         fields=fields_,
     )
 
@@ -256,6 +308,59 @@ OPTIONS: dict[str, Option] = _options()
 """Every top-level config key, in :class:`Settings` order."""
 
 
+NOTIFIER_ALIAS = "x-v03"
+"""The keyword of a notifier setting's schema that names its v0.3 spelling."""
+
+OTEL_EXTRA: dict[str, dict[str, Any]] = {
+    "collector_endpoint": {
+        "type": "string",
+        "description": "Falco Talon v0.3: the collector's host; with collector_port, "
+        "sets endpoint.",
+    },
+    "collector_port": {
+        "type": ["integer", "string"],
+        "description": "Falco Talon v0.3: the collector's port (default 4317), with "
+        "collector_endpoint.",
+    },
+    "metrics_enabled": {
+        "type": "boolean",
+        "description": "Falco Talon v0.3: accepted, no effect (/metrics is always served).",
+    },
+}
+"""v0.3 ``otel`` keys that are not a rename of one of ours."""
+
+
+def aliases(
+    notifiers: NotifierRegistry,
+) -> Iterator[tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]]:
+    """(v0.3 path, today's path, today's schema) of every renamed key."""
+    for key, option in OPTIONS.items():
+        if option.v03:
+            yield (option.v03,), (key,), option.schema
+        for f in option.fields:
+            if f.v03:
+                yield (key, f.v03), (key, f.key), f.schema
+    for spec in notifiers:
+        for name, schema in spec.settings.get("properties", {}).items():
+            alias = schema.get(NOTIFIER_ALIAS)
+            if alias:
+                yield ("notifiers", spec.name, alias), ("notifiers", spec.name, name), schema
+
+
+def v03_properties(notifiers: NotifierRegistry) -> dict[tuple[str, ...], dict[str, Any]]:
+    """The v0.3 keys as config-schema properties, by the path of the mapping holding them
+    (so editors complete both spellings)."""
+    out: dict[tuple[str, ...], dict[str, Any]] = {}
+    for alias, canonical, schema in aliases(notifiers):
+        props = out.setdefault(alias[:-1], {})
+        props[str(alias[-1])] = {
+            **schema,
+            "description": f"Falco Talon v0.3 spelling of {'.'.join(map(str, canonical))}.",
+        }
+    out.setdefault(("otel",), {}).update(OTEL_EXTRA)
+    return out
+
+
 def config_schema(notifiers: NotifierRegistry) -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of the config file, notifier settings included."""
     props = {key: option.full_schema() for key, option in OPTIONS.items()}
@@ -263,8 +368,17 @@ def config_schema(notifiers: NotifierRegistry) -> dict[str, Any]:
         "type": "object",
         "description": "Settings per notifier, by notifier name.",
         "additionalProperties": False,
-        "properties": {spec.name: dict(spec.settings) for spec in notifiers},
+        "properties": {
+            spec.name: {**spec.settings, "properties": dict(spec.settings.get("properties", {}))}
+            for spec in notifiers
+        },
     }
+    root: dict[str, Any] = {"properties": props}
+    for where, extra in v03_properties(notifiers).items():
+        holder = root
+        for part in where:
+            holder = holder["properties"][part]
+        holder["properties"].update(extra)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,

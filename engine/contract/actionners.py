@@ -45,6 +45,10 @@ class ActionContext:
     spelled: Mapping[str, str] = field(default_factory=dict)
     """For a parameter with a second accepted spelling (the seed's camelCase), the name the
     rule used for it; see :meth:`name_of`."""
+    talon: Mapping[str, str] = field(default_factory=dict)
+    """Talon's context for this step, as Falco Talon v0.3 names it: ``falco-talon.rule``,
+    ``falco-talon.action``, ``falco-talon.actionner``, ``falco-talon.event.id``, ... (see
+    ``engine.pipeline.talon_context``)."""
 
     def name_of(self, parameter: str) -> str:
         """``parameter`` as the rule spelled it (``gracePeriodSeconds`` for

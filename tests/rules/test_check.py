@@ -85,8 +85,8 @@ BAD: list[tuple[str, str, str]] = [
     (
         "unknown key in a rule",
         "- name: x\n  action: {name: kubernetes:terminate}\n  contine: false\n",
-        "{f}:1:3: unknown key(s) 'contine'; allowed: action, before, continue, description, "
-        "match, name, notifiers (at $[0])",
+        "{f}:3:3: unknown key 'contine'; allowed: action, before, continue, description, "
+        "match, name, notifiers (at $[0].contine)",
     ),
     (
         "continue is a boolean",
@@ -102,10 +102,10 @@ BAD: list[tuple[str, str, str]] = [
         "unknown parameter",
         "- name: x\n  action:\n    name: kubernetes:terminate\n    parameters:\n"
         "      gracePeriod: 3\n",
-        "{f}:5:7: unknown key(s) 'gracePeriod'; allowed: gracePeriodSeconds, "
+        "{f}:5:7: unknown key 'gracePeriod'; allowed: gracePeriodSeconds, "
         "grace_period_seconds, ignoreDaemonsets, ignoreStatefulsets, ignore_daemonsets, "
         "ignore_standalone_pods, ignore_statefulsets, minHealthyReplicas, min_healthy_replicas "
-        "(at $[0].action.parameters)",
+        "(at $[0].action.parameters.gracePeriod)",
     ),
     (
         "parameter of the wrong type",

@@ -262,3 +262,28 @@ async def test_many_concurrent_events_are_all_processed(
     assert {r.status for r in replies} == {202}
     await service.queue.join()
     assert len(recorder.calls) == 300
+
+
+V03_RULES = """
+- action: note it
+  actionner: test:record
+- rule: chain
+  actions:
+    - action: note it
+    - action: refuse
+      actionner: test:fail
+    - action: never
+      actionner: test:record
+"""
+
+
+async def test_a_v03_rule_file_runs_its_chain_for_a_posted_event(
+    make_client: ClientFactory, recorder: Recorder
+) -> None:
+    client, service = await make_client(V03_RULES)
+    resp = await client.post("/", json=FALCO_EVENT)
+    assert resp.status == 202
+    await service.queue.join()
+    assert recorder.calls == [("chain", "test:record"), ("chain", "test:fail")]
+    assert recorder.contexts[0].talon["falco-talon.action"] == "note it"
+    assert recorder.contexts[0].talon["falco-talon.event.id"] == (await resp.json())["id"]
