@@ -374,7 +374,7 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
     env = {
         **os.environ,
         "LOGFORMAT": "json",
-        "LOGLEVEL": "warning",
+        "LOGLEVEL": "info",
         "WATCHRULES": "false",
         "QUEUESIZE": "10000",
         "DEFAULTNOTIFIERS": "",
@@ -382,11 +382,16 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
     server = start_server(ROOT / "examples" / "rules.yaml", port, env, log, "--dry-run")
     try:
         _wait_port(port)
+        template = _distinct_template()
+        cpu_before = _cpu_seconds(server.pid)
         wrk = shutil.which("wrk")
         if wrk:
-            result = _wrk(wrk, port, seconds, connections)
+            result = _wrk(wrk, port, seconds, connections, template)
         else:
-            result = _loadgen(port, seconds, connections)
+            result = _loadgen(port, seconds, connections, template)
+        cores = (_cpu_seconds(server.pid) - cpu_before) / seconds
+        result["server_cores_used"] = round(cores, 2)
+        result["events_per_s_per_core"] = round(result["requests_per_s"] / max(cores, 0.01))
         status = Path(f"/proc/{server.pid}/status").read_text()
         result["server_peak_rss_kib"] = int(
             next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]
@@ -396,6 +401,27 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
         server.wait(60)
         log.close()
     return result
+
+
+MARK = "__N__"
+"""Replaced by a request counter in each request's body: every event is distinct."""
+
+
+def _distinct_template() -> str:
+    """examples/event.json with a counter in its output and pod name, as a user's load
+    generator sends (one body repeated flatters caches and hides per-event work)."""
+    event = json.loads((ROOT / "examples" / "event.json").read_text())
+    event["output"] = f"{event['output']} n={MARK}"
+    event["output_fields"]["k8s.pod.name"] = f"{event['output_fields']['k8s.pod.name']}-{MARK}"
+    event.pop("uuid", None)
+    return json.dumps(event)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_port(port: int) -> None:
@@ -408,11 +434,15 @@ def _wait_port(port: int) -> None:
     raise RuntimeError("server did not start")
 
 
-def _wrk(wrk: str, port: int, seconds: int, connections: int) -> dict[str, Any]:
-    body = (ROOT / "examples" / "event.json").read_text()
+def _wrk(wrk: str, port: int, seconds: int, connections: int, template: str) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-        f.write(f"wrk.body = {json.dumps(body)}\n")
+        f.write(f"template = {json.dumps(template)}\ncounter = 0\n")
+        f.write(
+            "request = function()\n  counter = counter + 1\n"
+            f'  local body = string.gsub(template, "{MARK}", tostring(counter))\n'
+            "  return wrk.format(nil, nil, nil, body)\nend\n"
+        )
         f.write(
             "done = function(summary, latency, requests)\n"
             '  io.write(string.format(\'JSON {"requests": %d, "non2xx": %d, '
@@ -451,7 +481,9 @@ def _wrk(wrk: str, port: int, seconds: int, connections: int) -> dict[str, Any]:
     }
 
 
-def _loadgen(port: int, seconds: int, connections: int) -> dict[str, Any]:
+def _loadgen(port: int, seconds: int, connections: int, template: str) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(template)
     proc = subprocess.run(
         [
             sys.executable,
@@ -459,12 +491,13 @@ def _loadgen(port: int, seconds: int, connections: int) -> dict[str, Any]:
             f"http://127.0.0.1:{port}/",
             str(seconds),
             str(connections),
-            str(ROOT / "examples" / "event.json"),
+            f.name,
         ],
         capture_output=True,
         text=True,
         check=True,
     )
+    os.unlink(f.name)
     return {"tool": "bench/loadgen.py", **json.loads(proc.stdout)}
 
 

@@ -1,6 +1,7 @@
 """A fallback HTTP load generator for ``make bench`` when wrk is not installed.
 
 Usage: ``python bench/loadgen.py URL SECONDS CONNECTIONS BODY_FILE``; prints JSON.
+Every ``__N__`` in the body is replaced by a request counter, so each event is distinct.
 Runs in its own process so it does not share the server's core.
 """
 
@@ -15,6 +16,8 @@ import aiohttp
 
 
 async def main(url: str, seconds: float, connections: int, body: bytes) -> dict[str, object]:
+    parts = body.split(b"__N__")
+    counter = 0
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     deadline = time.perf_counter() + seconds
@@ -23,9 +26,12 @@ async def main(url: str, seconds: float, connections: int, body: bytes) -> dict[
     async with aiohttp.ClientSession(connector=conn) as session:
 
         async def worker() -> None:
+            nonlocal counter
             while time.perf_counter() < deadline:
+                counter += 1
+                data = str(counter).encode().join(parts)
                 t0 = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as resp:
+                async with session.post(url, data=data, headers=headers) as resp:
                     await resp.read()
                     statuses[resp.status] = statuses.get(resp.status, 0) + 1
                 latencies.append(time.perf_counter() - t0)
