@@ -355,6 +355,7 @@ def test_rules(
     suites = [load_suite(p) for p in test_files(paths)]
     report = asyncio.run(ruletest.run_suites(suites, ruleset, actionners, _defaults(settings)))
     if junit:
+        Path(junit).parent.mkdir(parents=True, exist_ok=True)
         Path(junit).write_text(ruletest.junit_xml(report), encoding="utf-8")
     if output == "json":
         click.echo(json.dumps(ruletest.report_json(report), indent=2))
@@ -397,6 +398,7 @@ def _record(
     if target is None:
         click.echo(text, nl=False)
     else:
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
         click.echo(f"{len(events)} case(s) written to {target}: review them, then commit", err=True)
 

@@ -152,7 +152,7 @@ def compare(case: Case, got: Mapping[str, Any], rules: Mapping[str, Rule]) -> li
     return out
 
 
-Found = Iterable[tuple[str, tuple[str, ...], int | None]]
+Found = Iterable[tuple[str, tuple[str, ...], int | str | None]]
 """(message, the rules that made the difference, the index of the expectation's entry)."""
 
 
@@ -392,7 +392,7 @@ def _check_notifiers(
             f"notifiers of {name!r}: expected {_names(sorted(want))}, got "
             f"{_names(sorted(have))}; " + ", ".join(detail),
             where,
-            None,
+            name,
         )
 
 

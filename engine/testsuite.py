@@ -173,7 +173,8 @@ class Case:
     """None when the event could not be loaded (:attr:`error` says why)."""
     error: SourceError | None = None
     positions: Mapping[str, Position] = field(default_factory=dict)
-    """Where each expectation stands in the file: ``steps``, and ``steps[1]`` for an entry."""
+    """Where each expectation stands in the file: ``steps``, and for an entry ``steps[1]``
+    or ``notifiers[Rule X]``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +246,9 @@ def _positions(doc: Document, where: PathKey, expect: Mapping[str, Any]) -> dict
         if isinstance(value, list):
             for i in range(len(value)):
                 out[f"{key}[{i}]"] = doc.position((*where, key, i))
+        elif isinstance(value, dict):
+            for k in value:
+                out[f"{key}[{k}]"] = doc.position((*where, key, k))
     return out
 
 
