@@ -341,7 +341,7 @@ def test_rules(
     (FILE:LINE:COLUMN: message) or a usage error.
     """
     from engine import ruletest
-    from engine.testsuite import load_suite, test_files
+    from engine.testsuite import load_suite, suite_files
 
     if not paths:
         _fail("no test files given (falco-talon test -r RULES... TESTS...)", 2)
@@ -352,7 +352,7 @@ def test_rules(
         _fail(f"-o/--output must be text or json (a FILE only with --record), got {output!r}", 2)
     settings, ruleset = _inputs(*_merged(ctx, config, rules))
     actionners, _ = load_plugins()
-    suites = [load_suite(p) for p in test_files(paths)]
+    suites = [load_suite(p) for p in suite_files(paths)]
     report = asyncio.run(ruletest.run_suites(suites, ruleset, actionners, _defaults(settings)))
     if junit:
         Path(junit).parent.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,7 @@ class Suite:
 _VALIDATOR = jsonschema.Draft202012Validator(TEST_SCHEMA)
 
 
-def test_files(paths: Iterable[str | Path]) -> list[Path]:
+def suite_files(paths: Iterable[str | Path]) -> list[Path]:
     """Files in the order given; a directory stands for its ``*.yaml``/``*.yml`` files."""
     return expand_paths(paths)
 
