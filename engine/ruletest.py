@@ -186,12 +186,17 @@ class _Context:
                     break
         return tuple(dict.fromkeys(out))
 
-    def why_not_running(self, name: str) -> tuple[str, tuple[str, ...]]:
-        """Why rule ``name`` has no step that runs: not matched, or skipped and by what."""
-        skipped = [s for s in self.steps if s["rule"] == name]
+    def why_not_running(self, want: Step) -> tuple[str, tuple[str, ...]]:
+        """Why no step matching ``want`` (a rule name, maybe more) runs: the rule did not
+        match, or the step is skipped and by what."""
+        name = want["rule"]
+        matcher = {k: v for k, v in want.items() if k not in ("outcome", "reason")}
+        skipped = [s for s in self.steps if s["outcome"] == "skipped" and step_matches(matcher, s)]
         if skipped:
             s = skipped[0]
             return f"skipped: {s['reason']}", self.step_where(s)
+        if any(s["rule"] == name for s in self.steps):
+            return "the rule has no such step", (self.rule_at(name),)
         if name not in self.rules:
             return "no rule of that name", ()
         return "did not match the event", (self.rule_at(name),)
@@ -311,9 +316,14 @@ def _check_steps(expected: list[Step], got: Mapping[str, Any], ctx: _Context) ->
                 )
                 continue
             name = want["rule"]
-            reason, where = ctx.why_not_running(name)
-            if any(s["rule"] == name for s in steps):
-                reason, where = "not at this place", (ctx.rule_at(name),)
+            elsewhere = next((j for j, s in enumerate(steps) if step_matches(want, s)), None)
+            where: tuple[str, ...]
+            if elsewhere is not None:
+                reason, where = f"it is step {elsewhere + 1}", (ctx.rule_at(name),)
+            elif any(s["rule"] == name for s in steps):
+                reason, where = "the rule has no such step", (ctx.rule_at(name),)
+            else:
+                reason, where = ctx.why_not_running(want)
             yield f"missing step: expected {show_step(want)} ({reason})", where, i
         for j in extra:
             yield f"step {j + 1}: unexpected {show_step(steps[j])}", ctx.step_where(steps[j]), None
@@ -341,7 +351,7 @@ def _check_order(expected: list[str | Step], got: Mapping[str, Any], ctx: _Conte
                 n,
             )
         else:
-            reason, where = ctx.why_not_running(want["rule"])
+            reason, where = ctx.why_not_running(want)
             yield f"order: expected {shown} to run, but it does not ({reason})", where, n
         return
 
@@ -349,7 +359,7 @@ def _check_order(expected: list[str | Step], got: Mapping[str, Any], ctx: _Conte
 def _check_acting(expected: list[str], got: Mapping[str, Any], ctx: _Context) -> Found:
     for n, name in enumerate(expected):
         if not ctx.runs(name):
-            reason, where = ctx.why_not_running(name)
+            reason, where = ctx.why_not_running({"rule": name})
             yield f"acting: expected {name!r} to act, but it does not ({reason})", where, n
 
 
@@ -382,7 +392,7 @@ def _check_notifiers(
             detail.append(f"unexpected {_names(extra)}")
         where: tuple[str, ...]
         if not ctx.runs(name):
-            reason, where = ctx.why_not_running(name)
+            reason, where = ctx.why_not_running({"rule": name})
             detail.append(f"{name!r} does not act: {reason}")
         elif name in ctx.rules:
             where = (ctx.rule_at(name, "notifiers: " + _names(ctx.rules[name].notifiers)),)
@@ -549,7 +559,7 @@ RECORD_HEADER = (
 def expectation(got: Mapping[str, Any]) -> dict[str, Any]:
     """The full expectation that ``got`` (an explain record) meets: matched, steps, notifiers."""
     if not got["matched"]:
-        return {"matched": []}
+        return {"matched": _FlowList()}
     steps = []
     for s in got["steps"]:
         step = {k: s[k] for k in ("stage", "rule", "action") if k in s}
@@ -558,8 +568,9 @@ def expectation(got: Mapping[str, Any]) -> dict[str, Any]:
         step["outcome"] = s["outcome"]
         if s.get("reason"):
             step["reason"] = s["reason"]
-        steps.append(step)
-    return {"matched": list(got["matched"]), "steps": steps, "notifiers": dict(got["notifiers"])}
+        steps.append(_Flow(step))
+    notifiers = {rule: _FlowList(names) for rule, names in got["notifiers"].items()}
+    return {"matched": _FlowList(got["matched"]), "steps": steps, "notifiers": notifiers}
 
 
 async def record(
@@ -594,9 +605,27 @@ def _event_ref(path: Path, base: Path | None, inline: bool) -> Any:
     return os.path.relpath(path.resolve(), (base or Path.cwd()).resolve())
 
 
-def _dump(data: Any) -> str:
-    class _Dumper(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:
-            return True
+class _Flow(dict[str, Any]):
+    """A mapping written on one line (``{rule: X, outcome: planned}``): a recorded step."""
 
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+class _FlowList(list[Any]):
+    """A list written on one line: recorded rule and notifier names."""
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_Dumper.add_representer(
+    _Flow, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True)
+)
+
+_Dumper.add_representer(
+    _FlowList, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def _dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=4096)

@@ -403,3 +403,35 @@ def test_the_schema_for_editors_is_rendered_and_accepts_the_examples() -> None:
     for suite in sorted((ROOT / "examples" / "tests").glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(suite.read_text()), schema)
     assert schema["$defs"]["step"]["properties"]["outcome"]["enum"] == ["planned", "skipped"]
+
+
+def test_a_v03_chain_stop_names_the_action_that_stopped_it(talon: Talon, write: Write) -> None:
+    suite = write(
+        "v03.yaml",
+        f"""
+        tests:
+          - name: a package manager gets the pod killed
+            event: {ROOT}/examples/v03/event-package.json
+            expect:
+              order:
+                - {{rule: Package manager in a container, action_name: Cut egress}}
+                - {{rule: Package manager in a container, action_name: Kill pod}}
+        """,
+    )
+    result = talon("test", "-c", "examples/v03/config.yaml", str(suite), cwd=ROOT)
+    assert result.code == 1
+    rules = ROOT / "examples" / "v03" / "rules.yaml"
+    lines = rules.read_text().splitlines()
+    cut = next(
+        n
+        for n, line in enumerate(lines, 1)
+        if "- action: Cut egress" in line and "continue: false" in lines[n]
+    )
+    assert (
+        "order: expected Package manager in a container: Kill pod to run, but it does not "
+        "(skipped: chain stopped: action 'Cut egress' has continue: false)"
+    ) in result.out
+    assert (
+        f"action 'Cut egress' of 'Package manager in a container' at "
+        f"examples/v03/rules.yaml:{cut}:7 (continue: false)"
+    ) in result.out
