@@ -1,8 +1,9 @@
 """The ``falco-talon`` command line: the composition root.
 
 Position in the flow: builds everything (settings, registries, rules, pipeline, server)
-and starts it; ``check`` and ``explain`` reuse the same loaders without a cluster.
-Exit codes: 0 success, 1 invalid input (rules, config, event), 2 usage errors.
+and starts it; ``check``, ``explain`` and ``test`` reuse the same loaders without a cluster.
+Exit codes: 0 success, 1 invalid input (rules, config, event) or a failing rule test, 2 usage
+errors or an invalid rule test file.
 """
 
 from __future__ import annotations
