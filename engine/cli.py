@@ -1,8 +1,9 @@
 """The ``falco-talon`` command line: the composition root.
 
 Position in the flow: builds everything (settings, registries, rules, pipeline, server)
-and starts it; ``check`` and ``explain`` reuse the same loaders without a cluster.
-Exit codes: 0 success, 1 invalid input (rules, config, event), 2 usage errors.
+and starts it; ``check``, ``explain`` and ``test`` reuse the same loaders without a cluster.
+Exit codes: 0 success, 1 invalid input (rules, config, event) or a failing rule test, 2 usage
+errors or an invalid rule test file.
 """
 
 from __future__ import annotations
@@ -294,6 +295,115 @@ def explain(
         click.echo(explain_text(run))
 
 
+# -- test ----------------------------------------------------------------------------------------
+
+
+@cli.command("test")
+@_common
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option(
+    "--record",
+    is_flag=True,
+    help="PATHS are event files: write a test file expecting what happens to them today.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    metavar="text|json|FILE",
+    help="The report's format: text (default) or json. With --record: the test file to "
+    "write (default: standard output).",
+)
+@click.option(
+    "--junit",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JUnit XML to this file.",
+)
+@click.option("--inline", is_flag=True, help="With --record: write the events inline.")
+@click.option("-v", "--verbose", is_flag=True, help="List passing cases too.")
+@click.pass_context
+def test_rules(
+    ctx: click.Context,
+    config: str | None,
+    rules: tuple[str, ...],
+    paths: tuple[str, ...],
+    record: bool,
+    output: str | None,
+    junit: str | None,
+    inline: bool,
+    verbose: bool,
+) -> None:
+    """Run rule test files (PATHS: files or directories of *.yaml) against the rules.
+
+    Each case's event goes through the same machine as `explain` (nothing touched); its
+    expectations (matched rules, steps in order, acting/not_acting, notifiers) must hold.
+    Exit 0 when every case passes, 1 when one fails, 2 for an invalid test file or event
+    (FILE:LINE:COLUMN: message) or a usage error.
+    """
+    from engine import ruletest
+    from engine.testsuite import load_suite, suite_files
+
+    if not paths:
+        _fail("no test files given (falco-talon test -r RULES... TESTS...)", 2)
+    if record:
+        _record(ctx, config, rules, paths, output, inline)
+        return
+    if output not in (None, "text", "json"):
+        _fail(f"-o/--output must be text or json (a FILE only with --record), got {output!r}", 2)
+    settings, ruleset = _inputs(*_merged(ctx, config, rules))
+    actionners, _ = load_plugins()
+    suites = [load_suite(p) for p in suite_files(paths)]
+    report = asyncio.run(ruletest.run_suites(suites, ruleset, actionners, _defaults(settings)))
+    if junit:
+        Path(junit).parent.mkdir(parents=True, exist_ok=True)
+        Path(junit).write_text(ruletest.junit_xml(report), encoding="utf-8")
+    if output == "json":
+        click.echo(json.dumps(ruletest.report_json(report), indent=2))
+    else:
+        click.echo(ruletest.report_text(report, verbose=verbose))
+    sys.exit(report.exit_code)
+
+
+def _record(
+    ctx: click.Context,
+    config: str | None,
+    rules: tuple[str, ...],
+    paths: tuple[str, ...],
+    output: str | None,
+    inline: bool,
+) -> None:
+    from engine import ruletest
+
+    settings, ruleset = _inputs(*_merged(ctx, config, rules))
+    actionners, _ = load_plugins()
+    events = []
+    for p in map(Path, paths):
+        try:
+            events.append((p, load_event(p.read_bytes())))
+        except OSError as exc:
+            _fail(f"{p}: cannot read event file: {exc.strerror or exc}", 2)
+        except EventError as exc:
+            _fail(f"{p}: invalid event: {exc.message}", 2)
+    target = Path(output) if output else None
+    text = asyncio.run(
+        ruletest.record(
+            events,
+            ruleset,
+            actionners,
+            _defaults(settings),
+            base=target.parent if target else None,
+            inline=inline,
+        )
+    )
+    if target is None:
+        click.echo(text, nl=False)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        click.echo(f"{len(events)} case(s) written to {target}: review them, then commit", err=True)
+
+
 # -- introspection -------------------------------------------------------------------------------
 
 
@@ -532,7 +642,7 @@ def completion(shell: str) -> None:
     help="Where the schema files live. [default: the project's schemas/]",
 )
 def schemas(check_only: bool, directory: str | None) -> None:
-    """Write (or check) schemas/rules.schema.json and schemas/config.schema.json."""
+    """Write (or check) the generated schemas/*.schema.json (rules, config, rules-test)."""
     from engine.schemas import SCHEMA_DIR, render_all
 
     target = Path(directory) if directory else SCHEMA_DIR
