@@ -129,6 +129,7 @@ async def _serve(settings: Settings) -> None:
     from engine.notify import DeliveryPolicy, Dispatcher
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher
+    from engine.listener import ListenerConfig
     from engine.server import Service, serve
     from observability.metrics import Metrics
     from observability.tracing import Tracing
@@ -181,8 +182,18 @@ async def _serve(settings: Settings) -> None:
         shutdown_timeout=s.shutdown_timeout,
         watcher=watcher,
     )
+    listener = ListenerConfig(
+        cert_file=settings.tls.cert_file,
+        key_file=settings.tls.key_file,
+        client_ca_file=settings.tls.client_ca_file,
+        token=settings.auth.token,
+        token_file=settings.auth.token_file,
+        header_timeout=s.header_timeout,
+        body_timeout=s.body_timeout,
+        probes_port=s.probes_port,
+    )
     try:
-        await serve(service, s.listen_address, s.listen_port)
+        await serve(service, s.listen_address, s.listen_port, listener)
     finally:
         kubeapi.close()
 
