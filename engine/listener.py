@@ -381,6 +381,9 @@ def ingest_middleware(
                             },
                         )
                         response.force_close()
+                        await response.prepare(request)
+                        await response.write_eof()
+                        request.protocol.force_close()  # now: no lingering on a slow body
                         return response
                     except web.HTTPRequestEntityTooLarge:
                         on_reject("too_large")
