@@ -126,10 +126,10 @@ def server(
 async def _serve(settings: Settings) -> None:
     from engine.contract import kubeapi
     from engine.contract.retry import RetryPolicy
+    from engine.listener import ListenerConfig
     from engine.notify import DeliveryPolicy, Dispatcher
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher
-    from engine.listener import ListenerConfig
     from engine.server import Service, serve
     from observability.metrics import Metrics
     from observability.tracing import Tracing
