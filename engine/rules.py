@@ -618,10 +618,11 @@ class RulesLoader:
             for where, message, at_key in rule_problems(err):
                 pos = doc.key_position(where) if at_key else doc.position(where)
                 out.append(SourceError(pos, message, json_path(where)))
-        for i, item in enumerate(doc.value or ()):
+        for i, item in enumerate(doc.value if isinstance(doc.value, list) else ()):
             if not isinstance(item, dict):
                 continue
-            for j, name in enumerate(item.get("notifiers") or ()):
+            names = item.get("notifiers")
+            for j, name in enumerate(names if isinstance(names, list) else ()):
                 if (
                     self.notifiers is not None
                     and isinstance(name, str)

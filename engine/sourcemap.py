@@ -92,7 +92,7 @@ MAX_NODES_PER_CHAR = 20
 """How many values a document may expand to, per character of its text (plus
 ``MIN_NODE_BUDGET``): aliases can make a few lines stand for billions of values."""
 
-MIN_NODE_BUDGET = 100_000
+MIN_NODE_BUDGET = 20_000
 
 
 def utf8_problem(data: bytes, file: str) -> SourceError | None:
@@ -187,9 +187,11 @@ class _Builder:
     def scalar(self, node: yaml.Node) -> Any:
         try:
             value = self.constructor.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
-            # a bad !!timestamp / !!binary, an unknown tag, an integer of 5,000 digits, ...
-            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        except Exception as exc:
+            # a bad !!timestamp / !!binary, an unknown tag, an integer of 5,000 digits, ...:
+            # PyYAML's constructors raise all sorts (an empty !!timestamp: AttributeError).
+            reason = getattr(exc, "problem", None) or (str(exc).splitlines() or [""])[0]
+            reason = reason or f"not a valid {node.tag.rsplit(':', 1)[-1]}"
             raise _TooBig(node, f"cannot read this value: {reason}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise _TooBig(node, f"{node.value!r} is not a finite number")
