@@ -218,8 +218,12 @@ class Guard:
 
     def request_done(self, request: web.Request) -> None:
         guarded = self.handlers.get(request.protocol)
-        if guarded is not None:
+        if guarded is None:
+            return
+        if request.content.is_eof():
             guarded.awaiting_head, guarded.tail = True, b""
+        else:  # the rest of an unread body (a 401) is still coming: not the next head
+            guarded.pending_body = request.content
 
 
 _TIMEOUT_BODY = orjson.dumps(
@@ -240,6 +244,7 @@ class _Guarded(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.awaiting_head = True
         self.tail = b""
+        self.pending_body: Any = None
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
@@ -284,6 +289,8 @@ class _Guarded(asyncio.Protocol):
             else:
                 self.tail = window[-3:]
         self.inner.data_received(data)
+        if self.pending_body is not None and self.pending_body.is_eof():
+            self.pending_body, self.awaiting_head, self.tail = None, True, b""
 
     def eof_received(self) -> bool | None:
         self.inner.eof_received()

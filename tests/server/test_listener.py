@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -446,3 +447,32 @@ async def test_keep_alive_connections_send_several_events(running: Running) -> N
             async with session.post(f"http://127.0.0.1:{port}/", json=FALCO_EVENT) as r:
                 assert r.status == 202
             await asyncio.sleep(0.4)  # idle past headerTimeout: the keep-alive is not cut
+
+
+async def test_an_unread_body_after_a_401_does_not_time_out_the_idle_connection(
+    running: Running,
+) -> None:
+    body = json.dumps(FALCO_EVENT).encode()
+
+    def request(token: str) -> bytes:
+        return (
+            b"POST / HTTP/1.1\r\nHost: talon\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+
+    async def response(reader: asyncio.StreamReader) -> bytes:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+        return head + await reader.readexactly(length)
+
+    async with running(ListenerConfig(token=TOKEN, header_timeout=0.3)) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request("wrong"))
+        assert (await response(reader)).startswith(b"HTTP/1.1 401 ")
+        await asyncio.sleep(0.1)
+        writer.write(body)  # the body of the refused request, after the reply
+        await asyncio.sleep(0.6)  # idle past headerTimeout
+        writer.write(request(TOKEN) + body)
+        assert (await response(reader)).startswith(b"HTTP/1.1 202 ")
+        writer.close()
