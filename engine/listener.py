@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from engine.contract.errors import ConfigError
@@ -40,6 +41,27 @@ from engine.contract.errors import ConfigError
 log = logging.getLogger("falco_talon.listener")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs each malformed request (a bad request line, header or chunk: 400 before
+    any handler) as an ERROR with a traceback quoting the client's bytes; hostile clients
+    would flood the log. One info line, without their bytes, says enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "malformed request from %s refused with %d (%s)"
+            record.args = (peer, exc.code, type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+PROTOCOL_LOG = logging.getLogger("falco_talon.http")
+"""The HTTP protocol's logger (aiohttp's ``logger``): malformed requests, one line each."""
+PROTOCOL_LOG.addFilter(_MalformedRequests())
 
 CHECK_INTERVAL = 1.0
 """Seconds between two looks at the certificate and token files."""

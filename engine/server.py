@@ -28,6 +28,7 @@ from aiohttp import web
 from engine import __version__
 from engine.contract.event import EventError, FalcoEvent, decode_event
 from engine.listener import (
+    PROTOCOL_LOG,
     Guard,
     GuardedSite,
     ListenerConfig,
@@ -308,14 +309,16 @@ async def serve(
     certs, _ = listener_setup(listener)  # a bad certificate file fails here
     guard = Guard(listener)
     app = create_app(service, listener, guard=guard, probes=not listener.probes_port)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=PROTOCOL_LOG)
     runners = [runner]
     await runner.setup()
     await service.start()
     site = GuardedSite(runner, host, port, guard, certs.context if certs else None)
     await site.start()
     if listener.probes_port:
-        probes = web.AppRunner(create_probes_app(service), access_log=None, handle_signals=False)
+        probes = web.AppRunner(
+            create_probes_app(service), access_log=None, handle_signals=False, logger=PROTOCOL_LOG
+        )
         runners.append(probes)
         await probes.setup()
         await GuardedSite(probes, host, listener.probes_port, Guard(listener)).start()

@@ -476,3 +476,30 @@ async def test_an_unread_body_after_a_401_does_not_time_out_the_idle_connection(
         writer.write(request(TOKEN) + body)
         assert (await response(reader)).startswith(b"HTTP/1.1 202 ")
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 100_000 + b"\r\n\r\n",
+    ],
+    ids=["request line", "NUL in a header", "chunk size", "100 KB header"],
+)
+async def test_a_malformed_request_gets_400_and_one_quiet_log_line(
+    running: Running, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    async with running(ListenerConfig()) as (_, port):
+        with caplog.at_level(logging.DEBUG):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_bytes)
+            reply = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        assert reply.split(b" ")[1] in (b"400", b"431")
+        status, _ = await post(f"http://127.0.0.1:{port}/", FALCO_EVENT)
+        assert status == 202  # the server goes on
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Traceback" not in caplog.text and "\\x00" not in caplog.text
+    assert "malformed request from 127.0.0.1 refused with 4" in caplog.text
