@@ -215,7 +215,10 @@ class TokenSource:
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             return "the Authorization header must be 'Bearer <token>'"
-        if not hmac.compare_digest(given.strip().encode(), self.current()):
+        # aiohttp keeps undecodable header bytes as surrogates: give them back as bytes.
+        if not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), self.current()
+        ):
             return "invalid bearer token"
         return None
 

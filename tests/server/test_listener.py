@@ -503,3 +503,25 @@ async def test_a_malformed_request_gets_400_and_one_quiet_log_line(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "Traceback" not in caplog.text and "\\x00" not in caplog.text
     assert "malformed request from 127.0.0.1 refused with 4" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer \xff\xfe", b"Bearer " + b"x" * 7000, b"bearer  " + TOKEN.encode() + b"\xc3", b"\x80"],
+    ids=["invalid UTF-8", "7 KB", "token plus a byte", "a lone byte"],
+)
+async def test_any_authorization_header_gets_401_never_500(
+    running: Running, authorization: bytes
+) -> None:
+    body = json.dumps(FALCO_EVENT).encode()
+    async with running(ListenerConfig(token=TOKEN)) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: " + authorization + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        reply = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 401 "), reply
+    assert TOKEN.encode() not in reply
