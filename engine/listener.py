@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from engine.contract.errors import ConfigError
 
@@ -416,6 +416,13 @@ def ingest_middleware(
                         await response.prepare(request)
                         await response.write_eof()
                         request.protocol.force_close()  # now: no lingering on a slow body
+                        return response
+                    except (RequestPayloadError, HttpProcessingError) as exc:
+                        # a Content-Encoding the body is not in, a broken chunk: not a 500
+                        on_reject("invalid")
+                        reason = (str(exc).splitlines() or [""])[0][:200]
+                        response = _json(400, {"error": f"the body cannot be read: {reason}"})
+                        response.force_close()
                         return response
                     except web.HTTPRequestEntityTooLarge:
                         on_reject("too_large")

@@ -265,20 +265,15 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application; start/stop the service around it (``run`` does).
 
-    ``listener`` adds the bearer token and the body deadline (``engine.listener``);
+    ``listener``: the bearer token and the body deadline (``engine.listener``; default: no
+    token, 30 s);
     ``probes=False`` leaves out /healthz and /metrics (served on ``probesPort`` instead)."""
-    middlewares: list[Any] = [json_errors]
-    if listener is not None:
-        _, token = listener_setup(listener, tls=False)
-        middlewares.append(
-            ingest_middleware(
-                listener,
-                guard or Guard(listener),
-                token,
-                service.metrics.rejected,
-                service.max_body_size,
-            )
-        )
+    listener = listener or ListenerConfig()
+    _, token = listener_setup(listener, tls=False)
+    ingest = ingest_middleware(
+        listener, guard or Guard(listener), token, service.metrics.rejected, service.max_body_size
+    )
+    middlewares: list[Any] = [json_errors, ingest]
     app = web.Application(client_max_size=service.max_body_size, middlewares=middlewares)
     app[SERVICE] = service
     app.router.add_post("/", post_event)

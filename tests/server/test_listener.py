@@ -7,6 +7,7 @@ the server is ``engine.server.serve`` stopped by a real SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import os
@@ -525,3 +526,27 @@ async def test_any_authorization_header_gets_401_never_500(
         writer.close()
     assert reply.startswith(b"HTTP/1.1 401 "), reply
     assert TOKEN.encode() not in reply
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "status", "error"),
+    [
+        ("gzip", json.dumps(FALCO_EVENT).encode(), 400, "the body cannot be read"),
+        ("deflate", b"not deflated", 400, "the body cannot be read"),
+        ("gzip", gzip.compress(json.dumps(FALCO_EVENT).encode()), 202, ""),
+        ("gzip", gzip.compress(b" " * 20_000_000), 413, "maxBodySize"),
+    ],
+    ids=["gzip that is not", "deflate that is not", "real gzip", "a gzip bomb"],
+)
+async def test_a_content_encoding_is_decoded_or_refused_with_a_4xx(
+    running: Running, encoding: str, body: bytes, status: int, error: str
+) -> None:
+    headers = {**FALCO_HEADERS, "Content-Encoding": encoding}
+    async with (
+        running(ListenerConfig()) as (_, port),
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(f"http://127.0.0.1:{port}/", data=body, headers=headers) as resp,
+    ):
+        assert resp.status == status
+        if error:
+            assert error in (await resp.json())["error"]
