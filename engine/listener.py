@@ -238,8 +238,19 @@ class Guard:
         self.handlers: dict[RequestHandler, _Guarded] = {}
         self.timeouts = 0
 
-    def factory(self, inner: Callable[[], RequestHandler]) -> Callable[[], asyncio.Protocol]:
-        return lambda: _Guarded(inner(), self)
+    def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        def make() -> asyncio.Protocol:
+            try:  # aiohttp's own Server.__call__, with the JSON error replies below
+                inner: RequestHandler = _JsonProtocolErrors(
+                    server,
+                    loop=server._loop,
+                    **server._kwargs,
+                )
+            except (AttributeError, TypeError):  # another aiohttp: its plain-text 400s
+                inner = server()
+            return _Guarded(inner, self)
+
+        return make
 
     def request_done(self, request: web.Request) -> None:
         guarded = self.handlers.get(request.protocol)
@@ -249,6 +260,29 @@ class Guard:
             guarded.awaiting_head, guarded.tail = True, b""
         else:  # the rest of an unread body (a 401) is still coming: not the next head
             guarded.pending_body = request.content
+
+
+class _JsonProtocolErrors(RequestHandler):
+    """aiohttp's protocol, whose replies to malformed requests (400 before any handler: a
+    bad request line, header, chunk or Content-Encoding) have a JSON body like every other
+    reply, naming the problem without quoting the client's bytes."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            return response
+        reason = type(exc).__name__ if exc is not None else "malformed request"
+        if isinstance(exc, HttpProcessingError) and exc.message:
+            reason = exc.message.splitlines()[0].rstrip(":")[:200]
+        out = _json(status, {"error": f"malformed HTTP request: {reason}"})
+        out.force_close()
+        return out
 
 
 _TIMEOUT_BODY = orjson.dumps(

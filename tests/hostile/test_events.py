@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
 import threading
 import time
 import tracemalloc
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 from engine.contract.actionners import ActionnerRegistry
 from engine.contract.event import EventError, FalcoEvent, decode_event
+from engine.listener import PROTOCOL_LOG, Guard, GuardedSite, ListenerConfig
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, create_app
@@ -210,7 +210,7 @@ def test_decoding_hostile_bodies_again_and_again_does_not_grow_memory() -> None:
     assert grown < 256 * 1024
 
 
-# -- over HTTP: one real server, in a thread, for all the examples ----------------------------
+# -- over HTTP: one real server (the listener serve() uses), in a thread, for all examples
 
 
 @pytest.fixture(scope="module")
@@ -232,13 +232,13 @@ def server_url(
     async def main() -> None:
         service = Service(Pipeline(ruleset, registry), queue_size=100_000, workers=2)
         await service.start()
-        runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            create_app(service), access_log=None, handle_signals=False, logger=PROTOCOL_LOG
+        )
         await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port_box.append(sock.getsockname()[1])
-        site = web.SockSite(runner, sock)
+        site = GuardedSite(runner, "127.0.0.1", 0, Guard(ListenerConfig()))
         await site.start()
+        port_box.append(site.port)
         done = asyncio.Event()
         stop_box.append(lambda: loop.call_soon_threadsafe(done.set))
         started.set()
@@ -255,11 +255,13 @@ def server_url(
     loop.close()
 
 
-def post_raw(where: str, body: bytes, content_type: str = "application/json") -> tuple[int, Any]:
+def post_raw(where: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     host, port = where.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        conn.request("POST", "/", body=body, headers={"Content-Type": content_type})
+        conn.request(
+            "POST", "/", body=body, headers=headers or {"Content-Type": "application/json"}
+        )
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
@@ -288,3 +290,29 @@ def test_named_hostile_bodies_over_http(
     assert got == status, reply
     if status != 202:
         assert error in reply["error"]
+
+
+header_values = st.text(
+    st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"), max_size=60
+)
+
+
+@given(
+    st.binary(max_size=500) | json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "Content-Type": header_values
+            | st.sampled_from(["application/json", "multipart/form-data; boundary=x"]),
+            "Content-Encoding": st.sampled_from(["gzip", "deflate", "br", "identity", "x"]),
+            "traceparent": header_values,
+            "Authorization": header_values,
+            "Expect": st.just("100-continue"),
+        },
+    ),
+)
+def test_any_body_with_any_headers_gets_202_or_a_4xx(
+    server_url: str, body: bytes, headers: dict[str, str]
+) -> None:
+    status, reply = post_raw(server_url, body, headers)
+    assert status == 202 or (400 <= status < 500 and reply["error"]), (status, reply)

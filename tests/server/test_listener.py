@@ -499,6 +499,8 @@ async def test_a_malformed_request_gets_400_and_one_quiet_log_line(
             reply = await asyncio.wait_for(reader.read(), 5)
             writer.close()
         assert reply.split(b" ")[1] in (b"400", b"431")
+        error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error.startswith("malformed HTTP request: ") and "\x00" not in error
         status, _ = await post(f"http://127.0.0.1:{port}/", FALCO_EVENT)
         assert status == 202  # the server goes on
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
