@@ -234,6 +234,26 @@ async def test_a_replaced_certificate_is_served_to_new_connections_without_resta
         assert await peer_common_name(port, ctx) == "third"
 
 
+async def test_a_replaced_client_ca_decides_who_gets_in_from_then_on(
+    running: Running, certs: Certs, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener_module, "CHECK_INTERVAL", 0.0)
+    config = ListenerConfig(
+        cert_file=certs.cert, key_file=certs.key, client_ca_file=certs.client_ca
+    )
+    old_client = certs.clients.issue_cert("falco-old")
+    new_ca = trustme.CA()
+    new_client = new_ca.issue_cert("falco-new")
+    async with running(config) as (_, port):
+        url = f"https://127.0.0.1:{port}/"
+        assert (await post(url, FALCO_EVENT, ssl_ctx=client_context(ca, old_client)))[0] == 202
+        new_ca.cert_pem.write_to_path(certs.client_ca + ".new")
+        os.replace(certs.client_ca + ".new", certs.client_ca)
+        assert (await post(url, FALCO_EVENT, ssl_ctx=client_context(ca, new_client)))[0] == 202
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            await post(url, FALCO_EVENT, ssl_ctx=client_context(ca, old_client))
+
+
 def test_unreadable_tls_files_fail_at_start_naming_the_file(tmp_path: Path, certs: Certs) -> None:
     from engine.listener import listener_setup
 
