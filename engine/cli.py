@@ -127,6 +127,7 @@ def server(
 async def _serve(settings: Settings) -> None:
     from engine.contract import kubeapi
     from engine.contract.retry import RetryPolicy
+    from engine.listener import ListenerConfig
     from engine.notify import DeliveryPolicy, Dispatcher
     from engine.pipeline import Pipeline
     from engine.reload import RulesWatcher
@@ -182,8 +183,18 @@ async def _serve(settings: Settings) -> None:
         shutdown_timeout=s.shutdown_timeout,
         watcher=watcher,
     )
+    listener = ListenerConfig(
+        cert_file=settings.tls.cert_file,
+        key_file=settings.tls.key_file,
+        client_ca_file=settings.tls.client_ca_file,
+        token=settings.auth.token,
+        token_file=settings.auth.token_file,
+        header_timeout=s.header_timeout,
+        body_timeout=s.body_timeout,
+        probes_port=s.probes_port,
+    )
     try:
-        await serve(service, s.listen_address, s.listen_port)
+        await serve(service, s.listen_address, s.listen_port, listener)
     finally:
         kubeapi.close()
 

@@ -33,7 +33,15 @@ from engine.contract.actionners import ActionnerRegistry
 from engine.contract.notifiers import NotifierRegistry
 from engine.contract.priority import Priority, parse_priority, priority_names
 from engine.schema_errors import rule_message, rule_problems
-from engine.sourcemap import Document, PathKey, Position, SourceError, json_path, load_yaml
+from engine.sourcemap import (
+    Document,
+    PathKey,
+    Position,
+    SourceError,
+    json_path,
+    load_yaml,
+    utf8_problem,
+)
 
 SCHEMA_ID = "https://falco-talon.dev/schemas/rules.schema.json"
 
@@ -526,10 +534,16 @@ def read_sources(paths: Iterable[str | Path]) -> tuple[Sources, list[SourceError
     errors: list[SourceError] = []
     for f in expand_paths(paths):
         try:
-            sources.append((str(f), f.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            data = f.read_bytes()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
             errors.append(SourceError(Position(str(f), 1, 1), f"cannot read rules file: {reason}"))
+            continue
+        bad = utf8_problem(data, str(f))
+        if bad is not None:
+            errors.append(bad)
+        else:
+            sources.append((str(f), data.decode("utf-8")))
     return sources, errors
 
 
@@ -604,10 +618,11 @@ class RulesLoader:
             for where, message, at_key in rule_problems(err):
                 pos = doc.key_position(where) if at_key else doc.position(where)
                 out.append(SourceError(pos, message, json_path(where)))
-        for i, item in enumerate(doc.value or ()):
+        for i, item in enumerate(doc.value if isinstance(doc.value, list) else ()):
             if not isinstance(item, dict):
                 continue
-            for j, name in enumerate(item.get("notifiers") or ()):
+            names = item.get("notifiers")
+            for j, name in enumerate(names if isinstance(names, list) else ()):
                 if (
                     self.notifiers is not None
                     and isinstance(name, str)

@@ -27,6 +27,14 @@ from aiohttp import web
 
 from engine import __version__
 from engine.contract.event import EventError, FalcoEvent, decode_event
+from engine.listener import (
+    PROTOCOL_LOG,
+    Guard,
+    GuardedSite,
+    ListenerConfig,
+    ingest_middleware,
+    listener_setup,
+)
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
 from observability.eventlog import event_logger
@@ -248,29 +256,75 @@ async def healthz(request: web.Request) -> web.Response:
     return _json(200, request.app[SERVICE].health())
 
 
-def create_app(service: Service) -> web.Application:
-    """The aiohttp application; start/stop the service around it (``run`` does)."""
-    app = web.Application(client_max_size=service.max_body_size, middlewares=[json_errors])
+def create_app(
+    service: Service,
+    listener: ListenerConfig | None = None,
+    *,
+    guard: Guard | None = None,
+    probes: bool = True,
+) -> web.Application:
+    """The aiohttp application; start/stop the service around it (``run`` does).
+
+    ``listener``: the bearer token and the body deadline (``engine.listener``; default: no
+    token, 30 s);
+    ``probes=False`` leaves out /healthz and /metrics (served on ``probesPort`` instead)."""
+    listener = listener or ListenerConfig()
+    _, token = listener_setup(listener, tls=False)
+    ingest = ingest_middleware(
+        listener, guard or Guard(listener), token, service.metrics.rejected, service.max_body_size
+    )
+    middlewares: list[Any] = [json_errors, ingest]
+    app = web.Application(client_max_size=service.max_body_size, middlewares=middlewares)
     app[SERVICE] = service
     app.router.add_post("/", post_event)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    if probes:
+        add_probes(app)
     return app
 
 
-async def serve(service: Service, host: str, port: int) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    app = create_app(service)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+def add_probes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+
+def create_probes_app(service: Service) -> web.Application:
+    """/healthz and /metrics alone: the probes port (plain HTTP, no token)."""
+    app = web.Application(middlewares=[json_errors])
+    app[SERVICE] = service
+    add_probes(app)
+    return app
+
+
+async def serve(
+    service: Service, host: str, port: int, listener: ListenerConfig | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. ``listener``: TLS, mutual
+    TLS, bearer token, slow-client timeouts, probes port (defaults: none, 10 s, 30 s)."""
+    listener = listener or ListenerConfig()
+    certs, _ = listener_setup(listener)  # a bad certificate file fails here
+    guard = Guard(listener)
+    app = create_app(service, listener, guard=guard, probes=not listener.probes_port)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=PROTOCOL_LOG)
+    runners = [runner]
     await runner.setup()
     await service.start()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = GuardedSite(runner, host, port, guard, certs.context if certs else None)
     await site.start()
+    if listener.probes_port:
+        probes = web.AppRunner(
+            create_probes_app(service), access_log=None, handle_signals=False, logger=PROTOCOL_LOG
+        )
+        runners.append(probes)
+        await probes.setup()
+        await GuardedSite(probes, host, listener.probes_port, Guard(listener)).start()
     log.info(
         "listening",
         extra={
             "fields": {
                 "address": f"{host}:{port}",
+                "tls": "mutual" if listener.client_ca_file else listener.tls,
+                "token": bool(listener.token or listener.token_file),
+                "probes_port": listener.probes_port or port,
                 "rules": len(service.pipeline.compiled.ruleset.rules),
                 "rules_checksum": service.pipeline.compiled.ruleset.checksum,
                 "dry_run": service.pipeline.dry_run,
@@ -292,5 +346,6 @@ async def serve(service: Service, host: str, port: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        for r in reversed(runners):
+            await r.cleanup()
     log.info("stopped")

@@ -18,7 +18,7 @@ from engine.config.settings import DEFAULT_CONFIG, GROUPS, OPTIONS, Settings, co
 from engine.contract.errors import ConfigError
 from engine.contract.notifiers import NotifierRegistry
 from engine.schema_errors import config_problems
-from engine.sourcemap import Document, json_path, load_yaml
+from engine.sourcemap import Document, json_path, load_yaml, utf8_problem
 
 
 def _as_list(value: Any) -> list[str]:
@@ -51,9 +51,13 @@ def load_settings(
     file = Path(path or DEFAULT_CONFIG)
     if file.exists():
         try:
-            doc = load_yaml(file.read_text(encoding="utf-8"), str(file))
+            data = file.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read config: {exc.strerror}") from None
+        bad = utf8_problem(data, str(file))
+        if bad is not None:
+            raise ConfigError(f"{bad.position}: {bad.message}")
+        doc = load_yaml(data.decode("utf-8"), str(file))
         if doc.errors:
             raise ConfigError("\n".join(str(e) for e in doc.errors))
         both = normalize_file(doc, notifiers)

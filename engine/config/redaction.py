@@ -45,7 +45,8 @@ def redact_message(text: str, notifiers: NotifierRegistry, raw: Mapping[str, Any
         for secret in found:
             if secret:
                 text = text.replace(str(secret), REDACTED)
-    for name, values in (raw.get("notifiers") or {}).items():
+    configured = raw.get("notifiers")
+    for name, values in (configured if isinstance(configured, Mapping) else {}).items():
         spec = notifiers.get(name)
         if spec is None or not isinstance(values, Mapping):
             continue

@@ -72,6 +72,76 @@ class ServerSettings:
         {"type": "number", "minimum": 0},
         "Seconds to finish in-flight events on SIGTERM.",
     )
+    header_timeout: float = _opt(
+        "headerTimeout",
+        10.0,
+        {"type": "number", "exclusiveMinimum": 0},
+        "Seconds a client has to send a request's headers (and the TLS handshake), from "
+        "its first byte; a slower one gets 408 and is closed.",
+    )
+    body_timeout: float = _opt(
+        "bodyTimeout",
+        30.0,
+        {"type": "number", "exclusiveMinimum": 0},
+        "Seconds a client has to send a request's body once its headers are in; a slower "
+        "one gets 408 and is closed.",
+    )
+    probes_port: int = _opt(
+        "probesPort",
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 65535},
+        "Serve /healthz and /metrics on this port, plain HTTP without token, and only "
+        "POST / on listenPort; 0: all on listenPort.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS on the event port (the ``tls`` section)."""
+
+    cert_file: str = _opt(
+        "certFile",
+        "",
+        {"type": "string"},
+        "PEM certificate (chain) served on listenPort; empty: plain HTTP. Reloaded when the "
+        "file changes.",
+    )
+    key_file: str = _opt(
+        "keyFile", "", {"type": "string"}, "PEM private key of certFile (reloaded with it)."
+    )
+    client_ca_file: str = _opt(
+        "clientCAFile",
+        "",
+        {"type": "string"},
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS), else the "
+        "handshake fails; empty: no client certificate asked.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Bearer token on ``POST /`` (the ``auth`` section)."""
+
+    token_file: str = _opt(
+        "tokenFile",
+        "",
+        {"type": "string"},
+        "File holding the bearer token POST / requires (Authorization: Bearer <token>); "
+        "re-read when it changes. Empty: no token (unless auth.token).",
+    )
+    token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "key": "token",
+            "schema": {
+                "type": "string",
+                "description": "The bearer token itself (secret: never printed); prefer "
+                "tokenFile, or the AUTH_TOKEN variable.",
+            },
+            "secret": True,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +282,28 @@ class Settings:
     actions: ActionSettings = field(default_factory=ActionSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tls: TlsSettings = field(
+        default_factory=TlsSettings,
+        metadata={
+            "key": "tls",
+            "schema": {
+                "type": "object",
+                "description": "TLS and mutual TLS on listenPort.",
+                "additionalProperties": False,
+            },
+        },
+    )
+    auth: AuthSettings = field(
+        default_factory=AuthSettings,
+        metadata={
+            "key": "auth",
+            "schema": {
+                "type": "object",
+                "description": "Bearer token required on POST /.",
+                "additionalProperties": False,
+            },
+        },
+    )
     deduplication: DeduplicationSettings = field(
         default_factory=DeduplicationSettings,
         metadata={

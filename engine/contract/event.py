@@ -42,6 +42,20 @@ class EventError(ValueError):
         return body
 
 
+_EXACT = 2.0**53
+"""Integral floats below this print as integers; above, as Python prints the float (1e+300,
+not a 301-digit integer that was never in the event)."""
+
+MAX_NAME = 200
+"""Longest field name quoted in an error message (a hostile name may be 1 MiB long)."""
+
+
+def _short(name: str | None) -> str | None:
+    if name is None or len(name) <= MAX_NAME:
+        return name
+    return name[:MAX_NAME] + f"... ({len(name)} characters)"
+
+
 def field_text(value: FieldValue) -> str | None:
     """A field value as Falco prints it: ints without a decimal point, booleans as
     ``true``/``false``, lists as ``(a,b)``; None (null) stays None."""
@@ -51,7 +65,7 @@ def field_text(value: FieldValue) -> str | None:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < _EXACT:
         return str(int(value))
     if isinstance(value, list):
         return "(" + ",".join(t for v in value if (t := field_text(v)) is not None) + ")"
@@ -144,7 +158,9 @@ def _message(exc: Any, field_name: str | None) -> str:
         return f"the event must be a JSON object, got {_json_type(exc.value)}"
     if rule == "minLength" and field_name:
         return f"field '{field_name}' must not be empty"
-    return f"field '{field_name}': {exc.message}" if field_name else str(exc.message)
+    detail = str(exc.message)
+    detail = detail if len(detail) <= 2 * MAX_NAME else detail[: 2 * MAX_NAME] + "..."
+    return f"field '{field_name}': {detail}" if field_name else detail
 
 
 def _json_type(value: Any) -> str:
@@ -170,13 +186,17 @@ def decode_event(body: bytes) -> FalcoEvent:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if body.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+            raise EventError(
+                "the body starts with a byte-order mark: send UTF-8 JSON without one"
+            ) from None
         if "utf-8" in str(exc).lower():
             raise EventError("the body is not valid UTF-8") from None
         raise EventError(f"the body is not valid JSON: {exc}") from None
     try:
         _validate(data)
     except fastjsonschema.JsonSchemaValueException as exc:
-        name = _field_name(exc)
+        name = _short(_field_name(exc))
         raise EventError(_message(exc, name), name) from None
     return event_from_dict(data)
 

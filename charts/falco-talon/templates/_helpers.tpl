@@ -59,7 +59,41 @@ directory).
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $_ := set $config "kubeConfig" "" }}
 {{- $_ := set $config "rulesFile" (list "/etc/falco-talon/rules/") }}
+{{- /* The Secrets of tls and auth are mounted as directories (rotation reaches them). */}}
+{{- if .Values.tls.secretName }}
+{{- $tls := deepCopy ($config.tls | default dict) }}
+{{- $_ := set $tls "certFile" "/etc/falco-talon/tls/tls.crt" }}
+{{- $_ := set $tls "keyFile" "/etc/falco-talon/tls/tls.key" }}
+{{- if .Values.tls.clientCASecretName }}
+{{- $_ := set $tls "clientCAFile" (printf "/etc/falco-talon/client-ca/%s" .Values.tls.clientCAKey) }}
+{{- end }}
+{{- $_ := set $config "tls" $tls }}
+{{- else if .Values.tls.clientCASecretName }}
+{{- fail "tls.clientCASecretName (mutual TLS) needs tls.secretName (the server's certificate)" }}
+{{- end }}
+{{- if .Values.auth.tokenSecretName }}
+{{- $auth := deepCopy ($config.auth | default dict) }}
+{{- $_ := set $auth "tokenFile" (printf "/etc/falco-talon/auth/%s" .Values.auth.tokenKey) }}
+{{- $_ := set $config "auth" $auth }}
+{{- end }}
+{{- if and .Values.tls.clientCASecretName (not (.Values.config | default dict).probesPort) }}
+{{- fail "mutual TLS (tls.clientCASecretName) needs config.probesPort: the kubelet's probes and Prometheus have no client certificate" }}
+{{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+The port the probes and /metrics use: config.probesPort's "probes" port when set, else "http".
+*/}}
+{{- define "falco-talon.probesPortName" -}}
+{{- if (.Values.config | default dict).probesPort }}probes{{ else }}http{{ end }}
+{{- end }}
+
+{{/*
+The probes' scheme: HTTPS when the listen port serves TLS and the probes share it.
+*/}}
+{{- define "falco-talon.probesScheme" -}}
+{{- if and .Values.tls.secretName (not (.Values.config | default dict).probesPort) }}HTTPS{{ else }}HTTP{{ end }}
 {{- end }}
 
 {{/*
