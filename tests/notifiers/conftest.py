@@ -11,7 +11,7 @@ import email
 import email.policy
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -249,3 +249,14 @@ def start_smtp(certs: Certs) -> Iterator[StartSmtp]:
     yield start
     for controller in controllers:
         controller.stop()
+
+
+@pytest.fixture(autouse=True)
+async def close_http_sessions() -> AsyncIterator[None]:
+    """Tests call the notifiers' ``send`` directly; close their HTTP sessions after each, as
+    the dispatcher does at shutdown."""
+    yield
+    from notifiers import slack, webhook
+
+    await slack.CLIENT.close()
+    await webhook.CLIENT.close()
