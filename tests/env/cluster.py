@@ -531,7 +531,10 @@ class Cluster:
             if self.is_healthy():
                 _log("already up")
                 current = self.load_state()
-                if install and not current.get("installed"):
+                url = current.get("talon_url")
+                if install and not (
+                    current.get("installed") and url and self._http_ok(f"{url}/healthz")
+                ):
                     self._install(current)
                 return self.env_file
             if self.load_state() or self.control_plane._load_state():
@@ -973,6 +976,14 @@ disabled_plugins = [
         if wait:
             args += ["--wait", "--timeout", timeout]
         _run(args, timeout=600)
+        # a reinstalled Service gets another ClusterIP: keep TALON_URL in the env file current
+        state = self.load_state()
+        if state.get("installed"):
+            url = self.talon_url()
+            if url != state.get("talon_url"):
+                state["talon_url"] = url
+                self._save_state(state)
+                self._write_env(state)
 
     def _unstick_release(self) -> None:
         """A helm killed mid-operation leaves the release ``pending-*`` and every later
