@@ -287,7 +287,15 @@ def test_rbac_an_actionner_the_chart_did_not_enable_is_forbidden(
         now = {p.metadata.name: p.status.container_statuses[0].restart_count for p in talon.pods()}
         assert now == restarts
     finally:
+        since = time.time() - 1
         cluster.helm_install([VALUES])
+        # until the pods reload the chart's rules, events of the next tests match nothing
+        rules = len(values["rules"])
+        poll(
+            f"every falco-talon pod back on the chart's {rules} rules",
+            lambda: _rules_reloaded(talon, since, rules),
+            120,
+        )
 
 
 class Load:
