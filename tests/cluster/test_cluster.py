@@ -183,8 +183,11 @@ def test_exec_runs_inside_the_container(
 def test_terminate_stops_the_container_and_the_deployment_replaces_it(
     cluster: Cluster, talon: Talon, core: Any, apps: Any
 ) -> None:
-    pods = ready_pods(core, "app=web")
-    assert len(pods) == 2
+    pods = poll(
+        "2 ready web pods",
+        lambda: ps if len(ps := ready_pods(core, "app=web")) == 2 else None,
+        90,
+    )
     victim = pods[0]
     name, cid = victim.metadata.name, _container_id(victim)
     assert cid in ctr_lines(cluster, "tasks", "ls")
