@@ -51,12 +51,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/cluster/" in str(item.path):
-            item.add_marker(pytest.mark.cluster)
-
-
 def poll(what: str, check: Callable[[], T | None], timeout: float = 60.0, every: float = 0.3) -> T:
     """``check()``'s first truthy result; fails the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -28,6 +28,8 @@ from tests.env.cluster import (
     Cluster,
 )
 
+pytestmark = pytest.mark.cluster
+
 PROOF = "/tmp/talon-e2e-proof"
 
 
