@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import subprocess
 import threading
 import time
 import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,9 +93,6 @@ def test_the_node_and_workloads_are_real(cluster: Cluster, core: Any) -> None:
 
 
 def test_health_through_the_service(talon_url: str) -> None:
-    import json
-    import urllib.request
-
     with urllib.request.urlopen(f"{talon_url}/healthz", timeout=5) as resp:
         body = json.loads(resp.read())
     assert resp.status == 200 and body["status"] == "ok" and body["rules"] >= 6
@@ -366,7 +366,6 @@ class LogFollower:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            with_errors = []
             try:
                 for p in self.talon.pods():
                     running = any(
@@ -378,8 +377,8 @@ class LogFollower:
                         )
                         self._threads[p.metadata.name] = t
                         t.start()
-            except Exception as e:
-                with_errors.append(e)
+            except Exception:
+                pass
             time.sleep(0.2)
 
     def __enter__(self) -> LogFollower:
@@ -478,8 +477,6 @@ def test_helm_uninstall_drains(cluster: Cluster, talon: Talon, core: Any) -> Non
 
 
 def _healthy(talon: Talon) -> bool:
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"{talon.url}/healthz", timeout=3) as resp:
             return int(resp.status) == 200
@@ -488,8 +485,6 @@ def _healthy(talon: Talon) -> bool:
 
 
 def subprocess_helm(cluster: Cluster, *args: str) -> None:
-    import subprocess
-
     res = subprocess.run(
         [*cluster.helm(), *args], capture_output=True, text=True, timeout=300, check=False
     )
