@@ -1088,7 +1088,8 @@ disabled_plugins = [
                     Path(f"/proc/sys/{key}").write_text(value)
                     _log(f"restored sysctl {key}={value}")
         _teardown_bridge()
-        _remove_owned_iptables(set(state.get("iptables_before", [])))
+        if "iptables_before" in state:  # never touch chains of a cluster we did not record
+            _remove_owned_iptables(set(state["iptables_before"]))
         _remove_container_log_links(self.state_dir)
         if state.get("run_containerd_existed") is False:
             shutil.rmtree(RUN_CONTAINERD, ignore_errors=True)
