@@ -18,8 +18,6 @@ help:
 	@echo "make schemas - regenerate schemas/ from the code"
 	@echo "make cluster-up   - a real single-node cluster (containerd, kubelet, ...) running falco-talon from its chart; prints the env file (KUBECONFIG, TALON_URL)"
 	@echo "make cluster-down - stop it and remove its bridge, iptables chains, mounts and state"
-	@echo "make cluster-up   - a real single-node cluster (containerd, kubelet, ...) running falco-talon from its chart; prints the env file (KUBECONFIG, TALON_URL)"
-	@echo "make cluster-down - stop it and remove its bridge, iptables chains, mounts and state"
 	@echo "make image  - OCI archive of falco-talon (no registry; see image/README.md); prints its path last"
 	@echo "make image-demo - OCI archive of the demo workload image; prints its path last"
 
@@ -38,13 +36,6 @@ testenv-up: install
 
 testenv-down: install
 	$(BIN)/python -m tests.env.testenv down
-
-.PHONY: cluster-up cluster-down
-cluster-up: install
-	$(BIN)/python -m tests.env.cluster up
-
-cluster-down: install
-	$(BIN)/python -m tests.env.cluster down
 
 .PHONY: cluster-up cluster-down
 cluster-up: install
