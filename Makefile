@@ -44,13 +44,6 @@ cluster-up: install
 cluster-down: install
 	$(BIN)/python -m tests.env.cluster down
 
-.PHONY: cluster-up cluster-down
-cluster-up: install
-	$(BIN)/python -m tests.env.cluster up
-
-cluster-down: install
-	$(BIN)/python -m tests.env.cluster down
-
 jaeger: install
 	$(BIN)/python -m tests.env.jaeger --state-dir "$${XDG_RUNTIME_DIR:-/tmp}/falco-talon-jaeger"
 

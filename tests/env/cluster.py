@@ -275,7 +275,8 @@ class ClusterControlPlane(TestEnv):
         pki = self.extra_pki
         return [
             *args,
-            # all interfaces: 127.0.0.1 for the host, NODE_IP (the bridge) for the pods, which
+            # all interfaces (_guard_port drops what does not come through lo or the bridge):
+            # 127.0.0.1 for the host, NODE_IP (the bridge) for the pods, which
             # reach it through the `kubernetes` Service; its endpoints are NODE_IP:port
             "--bind-address=0.0.0.0",
             f"--advertise-address={NODE_IP}",
@@ -296,6 +297,7 @@ class ClusterControlPlane(TestEnv):
             else True
         ):
             make_component_certs(self.certs_dir, self.extra_pki)
+        _guard_port(int(state["apiserver_port"]))
         super()._start_apiserver(state)
 
 
@@ -531,7 +533,10 @@ class Cluster:
             if self.is_healthy():
                 _log("already up")
                 current = self.load_state()
-                if install and not current.get("installed"):
+                url = current.get("talon_url")
+                if install and not (
+                    current.get("installed") and url and self._http_ok(f"{url}/healthz")
+                ):
                     self._install(current)
                 return self.env_file
             if self.load_state() or self.control_plane._load_state():
@@ -569,6 +574,17 @@ class Cluster:
             "talon": image_archive("image", "FALCO_TALON_IMAGE_ARCHIVE"),
             "demo": image_archive("image-demo", "FALCO_TALON_DEMO_IMAGE_ARCHIVE"),
         }
+        # keep them: a concurrent `make image` may delete the archives it replaces
+        kept = self.state_dir / "images"
+        kept.mkdir(exist_ok=True)
+        for key, src in list(archives.items()):
+            dst = kept / f"{key}.oci.tar"
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+            archives[key] = dst
         _log(f"images ready in {time.monotonic() - t:.1f}s")
 
         # network first: the apiserver advertises NODE_IP, the bridge's address
@@ -590,8 +606,7 @@ class Cluster:
         self._write_kubeconfigs(info.server_url)
         self._start_containerd(state)
         t = time.monotonic()
-        pause = self.state_dir / "images" / "pause.tar"
-        pause.parent.mkdir(exist_ok=True)
+        pause = kept / "pause.tar"
         derive_pause_archive(archives["demo"], pause, SANDBOX_IMAGE)
         for archive in (pause, archives["demo"], archives["talon"]):
             _run([*self.ctr(state), "images", "import", str(archive)])
@@ -973,6 +988,14 @@ disabled_plugins = [
         if wait:
             args += ["--wait", "--timeout", timeout]
         _run(args, timeout=600)
+        # a reinstalled Service gets another ClusterIP: keep TALON_URL in the env file current
+        state = self.load_state()
+        if state.get("installed"):
+            url = self.talon_url()
+            if url != state.get("talon_url"):
+                state["talon_url"] = url
+                self._save_state(state)
+                self._write_env(state)
 
     def _unstick_release(self) -> None:
         """A helm killed mid-operation leaves the release ``pending-*`` and every later
@@ -1065,7 +1088,8 @@ disabled_plugins = [
                     Path(f"/proc/sys/{key}").write_text(value)
                     _log(f"restored sysctl {key}={value}")
         _teardown_bridge()
-        _remove_owned_iptables(set(state.get("iptables_before", [])))
+        if "iptables_before" in state:  # never touch chains of a cluster we did not record
+            _remove_owned_iptables(set(state["iptables_before"]))
         _remove_container_log_links(self.state_dir)
         if state.get("run_containerd_existed") is False:
             shutil.rmtree(RUN_CONTAINERD, ignore_errors=True)
@@ -1269,6 +1293,24 @@ def _teardown_bridge() -> None:
     if _ip("link", "show", BRIDGE, check=False).returncode == 0:
         _ip("link", "del", BRIDGE, check=False)
         _log(f"removed bridge {BRIDGE}")
+
+
+GUARD_CHAIN = "KUBE-TALON-GUARD"
+
+
+def _guard_port(port: int) -> None:
+    """kube-apiserver listens on all interfaces (127.0.0.1 for the host, the bridge for the
+    pods): drop what reaches ``port`` through any other interface. ``down`` removes the chain
+    with the other KUBE-* chains."""
+    ipt = ["iptables", "-w"]
+    if _run([*ipt, "-n", "-L", GUARD_CHAIN], check=False).returncode != 0:
+        _run([*ipt, "-N", GUARD_CHAIN])
+        _run([*ipt, "-A", GUARD_CHAIN, "-i", "lo", "-j", "RETURN"])
+        _run([*ipt, "-A", GUARD_CHAIN, "-i", BRIDGE, "-j", "RETURN"])
+        _run([*ipt, "-A", GUARD_CHAIN, "-j", "DROP"])
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-j", GUARD_CHAIN]
+    if _run([*ipt, "-C", *rule], check=False).returncode != 0:
+        _run([*ipt, "-I", *rule])
 
 
 def _owned_chains() -> list[str]:
