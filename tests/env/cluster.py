@@ -563,10 +563,9 @@ class Cluster:
             ("helm", "helm"),
         ):
             bins[name] = str(build(target))
+        # runc, iptables, conntrack...: Debian packages, from the project's one place for them.
+        _run(["bash", str(ROOT / ".ci" / "system-packages.sh"), "cluster"])
         runc = shutil.which("runc") or "/usr/sbin/runc"
-        if not os.access(runc, os.X_OK):
-            _log("runc missing: apt-get install runc")
-            _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "runc"])
         state["runc"] = runc
         self._save_state(state)
         t = time.monotonic()
