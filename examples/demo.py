@@ -3,6 +3,9 @@ of what falco-talon did to them.
 
     python examples/demo.py setup  --kubeconfig FILE   # (re)create the demo workloads
     python examples/demo.py status --kubeconfig FILE   # pods, labels, NetworkPolicies, Events
+    python examples/demo.py send EVENT.json --kubeconfig FILE --url URL
+        # POST an example event, as Falcosidekick does, about a live pod of Deployment/ReplicaSet
+        # `web` in `demo` (pod names are generated on a real node: the example's is replaced)
 
 Without a controller-manager, pods are created the way a ReplicaSet/DaemonSet/StatefulSet
 controller would create them (owner references, bound to a node, marked Ready).
@@ -11,6 +14,10 @@ controller would create them (owner references, bound to a node, marked Ready).
 from __future__ import annotations
 
 import argparse
+import json
+import urllib.request
+import uuid
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
@@ -142,13 +149,46 @@ def status(api_client: client.ApiClient) -> None:
         print(f"  {e.type:8} {e.reason:28} {e.involved_object.name}: {e.message}")
 
 
+def send(api_client: client.ApiClient, event_file: str, url: str) -> None:
+    core = client.CoreV1Api(api_client)
+    pods = [
+        p
+        for p in core.list_namespaced_pod(NS, label_selector="app=web").items
+        if p.metadata.deletion_timestamp is None and p.status.phase == "Running"
+    ]
+    if not pods:
+        raise SystemExit(f"no running pod labelled app=web in namespace {NS}")
+    event = json.loads(Path(event_file).read_text())
+    event["output_fields"]["k8s.pod.name"] = pods[0].metadata.name
+    event["output_fields"]["k8s.ns.name"] = NS
+    event["uuid"] = str(uuid.uuid4())
+    request = urllib.request.Request(
+        url.rstrip("/") + "/",
+        data=json.dumps(event).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "User-Agent": "Falcosidekick",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        print(f"{resp.status} {resp.read().decode()}  (pod {NS}/{pods[0].metadata.name})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["setup", "status"])
+    parser.add_argument("command", choices=["setup", "status", "send"])
+    parser.add_argument("event", nargs="?", help="send: the event file")
     parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--url", default="http://127.0.0.1:2803", help="send: falco-talon's URL")
     args = parser.parse_args()
     with _api(args.kubeconfig) as api_client:
-        (setup if args.command == "setup" else status)(api_client)
+        if args.command == "send":
+            if not args.event:
+                parser.error("send needs an event file")
+            send(api_client, args.event, args.url)
+        else:
+            (setup if args.command == "setup" else status)(api_client)
 
 
 if __name__ == "__main__":

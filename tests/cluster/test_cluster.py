@@ -271,8 +271,11 @@ def test_rbac_an_actionner_the_chart_did_not_enable_is_forbidden(
             TALON_NAMESPACE,
             {"data": {"00-rules.yaml": yaml.safe_dump([*label_only, unauthorised])}},
         )
+        count = len(label_only) + 1
         poll(
-            "every falco-talon pod to reload 2 rules", lambda: _rules_reloaded(talon, since, 2), 120
+            f"every falco-talon pod to reload {count} rules",
+            lambda: _rules_reloaded(talon, since, count),
+            120,
         )
         event_id = talon.send("Talon e2e unauthorised", "db-0")
         outcome = talon.wait_outcome(event_id)
