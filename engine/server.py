@@ -56,13 +56,15 @@ class Service:
         watcher: RulesWatcher | None = None,
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
-        dedup_window: float = 5.0,
+        dedup_window: float = 0.0,
         nats: NatsQueue | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.queue: asyncio.Queue[Queued] = asyncio.Queue(queue_size)
         self.dedup = DedupWindow(dedup_window)
-        """The embedded default's deduplication (with NATS, the stream's window does it)."""
+        """The embedded default's deduplication (with NATS, the stream's window does it);
+        the CLI passes ``deduplication.timeWindowSeconds`` (default 5 s), a library user
+        opts in."""
         self.nats = nats
         """The durable shared queue, when ``nats.url`` is set: events go there, not to
         :attr:`queue`, and this replica's workers pull from it."""
