@@ -174,6 +174,7 @@ class NatsQueue:
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._pipeline: Pipeline | None = None
+        self._said: dict[str, float] = {}
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -201,7 +202,13 @@ class NatsQueue:
         return options
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS: %s: %s", type(exc).__name__, exc)
+        # The client retries for ever (connecting included): say each distinct error once a
+        # minute, not once a reconnect attempt.
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if now - self._said.get(text, -60.0) >= 60.0:
+            self._said[text] = now
+            log.warning("NATS: %s", text)
 
     async def _on_disconnected(self) -> None:
         if not self._stopping:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import trustme
 
 from tests.conftest import FALCO_EVENT
 from tests.env.nats import TestNats
@@ -181,3 +182,42 @@ def test_a_throttle_is_shared_by_the_replicas(
         if "throttled: 2 actions on workload demo/web" in str(x.get("message"))
     ]
     assert len(skipped) == 28
+
+
+def test_token_in_a_file_and_tls_to_nats_and_a_wrong_token_refuses_events(
+    tmp_path: Path, nats_built: Path, replicas: list[Replica]
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = TestNats(
+        tmp_path / "nats",
+        token="s3cret-t0ken",
+        tls_cert=tmp_path / "server.pem",
+        tls_key=tmp_path / "server.pem",
+    )
+    server.start()
+    try:
+        (tmp_path / "token").write_text("s3cret-t0ken\n")
+        tls = {"caFile": str(tmp_path / "ca.pem")}
+        good = Replica(
+            tmp_path,
+            "good",
+            nats_config(server, tokenFile=str(tmp_path / "token"), tls=tls),
+            MARK % 0,
+        )
+        replicas.append(good.start())
+        sent = event()
+        assert post(good.url, sent)[0] == 202
+        wait_until(lambda: good.finished()[sent["uuid"]] == 1, 20, "the event to finish")
+        bad = Replica(
+            tmp_path, "bad", nats_config(server, token="n0t-the-t0ken", tls=tls), MARK % 0
+        )
+        replicas.append(bad.start(wait_for="listening"))
+        wait_until(lambda: bad.count("Authorization Violation") >= 1, 20, "the refusal")
+        assert post(bad.url, event())[0] == 503
+        logs = (bad.log_path.read_text(), good.log_path.read_text())
+        assert not any(t in text for t in ("s3cret", "n0t-the") for text in logs)
+    finally:
+        server.kill()
