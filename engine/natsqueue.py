@@ -50,6 +50,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from engine.contract.errors import ConfigError
 from engine.contract.event import EventError, FalcoEvent, decode_event
 from engine.contract.retry import RetryPolicy, retry
 from engine.pipeline import Pipeline
@@ -169,7 +170,6 @@ class NatsQueue:
         self.js: JetStreamContext | None = None
         self.kv: KeyValue | None = None
         self.in_flight = 0
-        self._ready = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._runs: set[asyncio.Task[None]] = set()
@@ -179,10 +179,16 @@ class NatsQueue:
     # -- connection ------------------------------------------------------------------------------
 
     def _connect_options(self) -> dict[str, Any]:
+        """The client's options; a token file or TLS file that cannot be read is a
+        ``ConfigError`` (at start-up, not retried)."""
         c = self.config
         token = c.token
-        if not token and c.token_file:
-            token = Path(c.token_file).read_text(encoding="utf-8").strip()
+        try:
+            if not token and c.token_file:
+                token = Path(c.token_file).read_text(encoding="utf-8").strip()
+            context = _ssl_context(c.tls)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"nats: cannot read {exc.filename or 'a TLS file'}: {exc}") from None
         options: dict[str, Any] = {
             "servers": [u.strip() for u in c.url.split(",") if u.strip()],
             "connect_timeout": 2,
@@ -196,7 +202,6 @@ class NatsQueue:
         }
         if token:
             options["token"] = token
-        context = _ssl_context(c.tls)
         if context is not None:
             options["tls"] = context
         return options
@@ -217,32 +222,34 @@ class NatsQueue:
     async def _on_reconnected(self) -> None:
         log.info("NATS reconnected")
 
-    async def connect(self) -> None:
-        """Connect (retrying until it works) and declare the streams, consumer and bucket."""
+    async def connect(self) -> JetStreamContext.PullSubscription:
+        """Connect (retrying until it works), declare the streams, consumer and bucket, and
+        subscribe to the consumer."""
+        options = self._connect_options()
 
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
             if attempt == 1 or attempt % 20 == 0:
                 log.warning("NATS not reachable yet (%s: %s); retrying", type(exc).__name__, exc)
 
-        async def once() -> None:
-            nc = await nats.connect(**self._connect_options())
+        async def once() -> JetStreamContext.PullSubscription:
+            nc = await nats.connect(**options)
             try:
-                await self._declare(nc)
+                return await self._declare(nc)
             except BaseException:
                 await nc.close()
                 raise
 
-        def worth_retrying(exc: BaseException) -> bool:  # not a missing file or a bad setting
-            return not isinstance(exc, FileNotFoundError | PermissionError | ValueError)
+        def worth_retrying(exc: BaseException) -> bool:
+            return not isinstance(exc, ValueError)  # a bad setting, not an outage
 
-        await retry(CONNECT_RETRY, once, worth_retrying, on_retry)
-        self._ready.set()
+        sub = await retry(CONNECT_RETRY, once, worth_retrying, on_retry)
         log.info(
             "NATS connected",
             extra={"fields": {"stream": self.config.stream, "subject": self.config.subject}},
         )
+        return sub
 
-    async def _declare(self, nc: Client) -> None:
+    async def _declare(self, nc: Client) -> JetStreamContext.PullSubscription:
         c = self.config
         js = nc.jetstream()
         await self._ensure_stream(
@@ -267,7 +274,21 @@ class NatsQueue:
         self.kv = await js.create_key_value(
             KeyValueConfig(bucket=c.stream + "_THROTTLE", history=1, storage=StorageType.FILE)
         )
+        # created or updated (a changed ackWait/maxDeliver applies), then bound to
+        await js.add_consumer(
+            c.stream,
+            ConsumerConfig(
+                durable_name=CONSUMER,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=c.ack_wait,
+                # one delivery beyond maxDeliver: the one that moves it to the dead letters
+                max_deliver=c.max_deliver + 1,
+                max_ack_pending=-1,
+            ),
+        )
+        sub = await js.pull_subscribe_bind(durable=CONSUMER, stream=c.stream)
         self.nc, self.js = nc, js
+        return sub
 
     @staticmethod
     async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -309,27 +330,18 @@ class NatsQueue:
     # -- consuming -------------------------------------------------------------------------------
 
     async def start(self, pipeline: Pipeline) -> None:
-        """Connect in the background and run ``workers`` consumers once connected."""
+        """Connect in the background and run ``workers`` consumers once connected; a
+        token or TLS file that cannot be read fails here."""
+        self._connect_options()
         self._pipeline = pipeline
         self._tasks = [asyncio.create_task(self._consume(), name="nats-consumer")]
 
     async def _consume(self) -> None:
-        await self.connect()
-        js = self.js
-        assert js is not None
-        c = self.config
-        sub = await js.pull_subscribe(
-            c.subject,
-            durable=CONSUMER,
-            stream=c.stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=c.ack_wait,
-                # one delivery beyond maxDeliver: the one that moves it to the dead letters
-                max_deliver=c.max_deliver + 1,
-                max_ack_pending=-1,
-            ),
-        )
+        try:
+            sub = await self.connect()
+        except Exception:
+            log.exception("NATS queue stopped: events are refused (503)")
+            return
         slots = asyncio.Semaphore(self.workers)
         while not self._stopping:
             await slots.acquire()

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.env.nats import TestNats, free_port, nats_bin_dir
+from tests.env.natsserver import TestNats, free_port, nats_bin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECONFIG = """apiVersion: v1

@@ -14,7 +14,7 @@ import nats
 import trustme
 
 from tests.conftest import FALCO_EVENT
-from tests.env.nats import TestNats
+from tests.env.natsserver import TestNats
 from tests.nats.conftest import Replica, marks, post, wait_until
 
 MARK = "- name: mark\n  action: {name: test:mark, parameters: {seconds: %s}}\n"

@@ -1,4 +1,5 @@
-"""A real, local nats-server with JetStream, for tests/nats/.
+"""A real, local nats-server with JetStream, for tests/nats/ (not named nats.py: pytest puts
+tests/env/ on sys.path, where it would shadow the nats-py package).
 
 The ``nats-server`` binary (``github.com/nats-io/nats-server/v2``) is built by
 ``tests/env/build.sh nats`` and cached under
