@@ -173,7 +173,7 @@ class Service:
             "rules_checksum": self.pipeline.compiled.ruleset.checksum,
             "dry_run": self.pipeline.dry_run,
             "queue": self.queue.qsize(),
-            "in_flight": self.in_flight,
+            "in_flight": self.in_flight + (self.nats.in_flight if self.nats is not None else 0),
             "uptime_s": round(time.time() - self.started, 1),
         }
 

@@ -119,3 +119,13 @@ async def test_a_throttled_step_is_skipped_with_its_reason_and_addressed_to_noti
     reason = "throttled: 2 actions on node node-1 within 1m"
     assert [(s["outcome"], s["reason"]) for s in steps] == [("skipped", reason)] * 2
     assert [d.step.reason for d in runs[2].deliveries] == [reason] * 2
+
+
+async def test_explain_names_the_throttle_and_the_counter_the_event_counts_in(
+    registry: ActionnerRegistry, load_rules: Callable[..., RuleSet]
+) -> None:
+    from engine.explain import explain, explain_text
+
+    rules = load_rules(THROTTLED.replace("per: pod", "per: workload"))
+    text = explain_text(await explain(event_from_dict(event()), rules, registry))
+    assert "throttle: at most 1 per workload within 60s (workload demo/web)" in text
