@@ -61,6 +61,8 @@ from observability.tracing import NO_TRACE, SpanRecord, Trace, Tracing
 
 log = logging.getLogger("falco_talon.nats")
 
+THROTTLE_TTL = 86400.0
+"""Seconds a throttle counter outlives its last action (throttle windows up to a day)."""
 CONSUMER = "falco-talon"
 """The durable consumer every replica pulls from."""
 PUBLISH_TIMEOUT = 2.0
@@ -259,7 +261,7 @@ class NatsQueue:
                 subjects=[c.subject],
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.WORK_QUEUE,
-                duplicate_window=c.dedup_window,
+                duplicate_window=c.dedup_window if c.dedup_window > 0 else 0,
             ),
         )
         await self._ensure_stream(
@@ -272,7 +274,12 @@ class NatsQueue:
             ),
         )
         self.kv = await js.create_key_value(
-            KeyValueConfig(bucket=c.stream + "_THROTTLE", history=1, storage=StorageType.FILE)
+            KeyValueConfig(
+                bucket=c.stream + "_THROTTLE",
+                history=1,
+                storage=StorageType.FILE,
+                ttl=THROTTLE_TTL,
+            )
         )
         # created or updated (a changed ackWait/maxDeliver applies), then bound to
         await js.add_consumer(
@@ -308,7 +315,9 @@ class NatsQueue:
         nc, js = self.nc, self.js
         if nc is None or js is None or not nc.is_connected or self._stopping:
             return HandOff.UNAVAILABLE
-        headers = {"Nats-Msg-Id": identity(event), "Falco-Talon-Event-Id": event.id}
+        headers = {"Falco-Talon-Event-Id": event.id}
+        if self.config.dedup_window > 0:  # (a duplicate_window of 0 is NATS's 2 min default)
+            headers["Nats-Msg-Id"] = identity(event)
         parent = traceparent(trace, root)
         if parent is not None:
             headers["traceparent"] = parent
@@ -359,7 +368,7 @@ class NatsQueue:
                     await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                task = asyncio.create_task(self._handle(msg))
+                task = asyncio.create_task(self._handle_safely(msg))
                 self._runs.add(task)
 
                 def done(t: asyncio.Task[None]) -> None:
@@ -367,6 +376,13 @@ class NatsQueue:
                     slots.release()
 
                 task.add_done_callback(done)
+
+    async def _handle_safely(self, msg: Msg) -> None:
+        try:
+            await self._handle(msg)
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            # the message is redelivered after ackWait: nothing is lost
+            log.warning("NATS message handling failed (%s: %s)", type(exc).__name__, exc)
 
     async def _handle(self, msg: Msg) -> None:
         pipeline = self._pipeline
