@@ -415,18 +415,17 @@ class NatsQueue:
         finally:
             beat.cancel()
             self.in_flight -= 1
+        elog.info(
+            "event run finished: %s",
+            run.state,
+            fields={"state": run.state, "delivery": delivered},
+        )
         try:
             await msg.ack_sync(timeout=PUBLISH_TIMEOUT)
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             elog.warning(
                 "run finished but its ack was lost (%s): it may run again", type(exc).__name__
             )
-            return
-        elog.info(
-            "event run finished: %s",
-            run.state,
-            fields={"state": run.state, "delivery": delivered},
-        )
 
     async def _keep_alive(self, msg: Msg) -> None:
         """Tell NATS the run goes on, so it is not redelivered while this replica lives."""

@@ -113,9 +113,10 @@ def test_a_replica_killed_with_events_in_flight_loses_none(
     a.kill()  # kill -9, its runs in flight unacked
     ids = {e["uuid"] for e in sent}
     wait_until(lambda: set(a.finished() + b.finished()) >= ids, 90, "every event to finish")
-    both = a.finished() + b.finished()
-    assert set(both.values()) == {1}  # acked once each
-    assert b.count("event redelivered") >= 1  # what a had in flight went to b
+    # each replica finished each event at most once; what a had in flight went to b (an
+    # event a finished but was killed before acking finishes in b too: at least once)
+    assert set(a.finished().values()) == {1} and set(b.finished().values()) == {1}
+    assert b.count("event redelivered") >= 1
     assert set(marks(a.marks)) == ids
 
 
