@@ -99,10 +99,10 @@ class Replica:
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            if self.count(wait_for) >= self.runs:  # (it may have died since: a poison event)
+                return self
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            if self.count(wait_for) >= self.runs:
-                return self
             time.sleep(0.05)
         raise AssertionError(f"{self.name} not ready: {self.log_path.read_text()[-3000:]}")
 
