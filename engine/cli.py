@@ -152,6 +152,8 @@ async def _serve(settings: Settings) -> None:
     n = settings.notifications
     tracing = Tracing(settings.tracing)
     metrics = Metrics()
+    s = settings.server
+    queue, throttler = _nats_queue(settings, tracing, metrics)
     dispatcher = Dispatcher(
         notifiers,
         notifier_settings(settings, notifiers),
@@ -170,11 +172,11 @@ async def _serve(settings: Settings) -> None:
         tracing=tracing,
         metrics=metrics,
         print_all_events=settings.logging.print_all_events,
+        throttler=throttler,
     )
     watcher = None
     if settings.rules.watch:
         watcher = RulesWatcher(settings.rules.files, loader, ruleset, pipeline.set_rules)
-    s = settings.server
     service = Service(
         pipeline,
         queue_size=s.queue_size,
@@ -182,6 +184,8 @@ async def _serve(settings: Settings) -> None:
         max_body_size=s.max_body_size,
         shutdown_timeout=s.shutdown_timeout,
         watcher=watcher,
+        dedup_window=settings.deduplication.time_window_seconds,
+        nats=queue,
     )
     listener = ListenerConfig(
         cert_file=settings.tls.cert_file,
@@ -197,6 +201,35 @@ async def _serve(settings: Settings) -> None:
         await serve(service, s.listen_address, s.listen_port, listener)
     finally:
         kubeapi.close()
+
+
+def _nats_queue(settings: Settings, tracing: Any, metrics: Any) -> tuple[Any, Any]:
+    """The durable shared queue and the throttle sharing its counts, when ``nats.url`` is
+    set; else (None, None): the in-memory queue and counts of one process."""
+    n = settings.nats
+    if not n.url:
+        return None, None
+    from engine.natsqueue import KvCounters, NatsConfig, NatsQueue
+    from engine.storm import Throttler
+
+    queue = NatsQueue(
+        NatsConfig(
+            url=n.url,
+            stream=n.stream,
+            subject=n.subject,
+            token=n.token,
+            token_file=n.token_file,
+            tls=dict(n.tls),
+            ack_wait=n.ack_wait,
+            max_deliver=n.max_deliver,
+            dedup_window=float(settings.deduplication.time_window_seconds),
+        ),
+        workers=settings.server.workers,
+        metrics=metrics,
+        tracing=tracing,
+        shutdown_timeout=settings.server.shutdown_timeout,
+    )
+    return queue, Throttler(KvCounters(queue))
 
 
 # -- check ---------------------------------------------------------------------------------------

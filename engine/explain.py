@@ -12,7 +12,8 @@ from engine.contract.event import FalcoEvent
 from engine.contract.results import Outcome
 from engine.machine import EventRun
 from engine.pipeline import DRY_RUN_REASON, Pipeline
-from engine.rules import RuleSet
+from engine.rules import Rule, RuleSet
+from engine.storm import throttle_target
 
 
 async def explain(
@@ -55,6 +56,7 @@ def explain_text(run: EventRun) -> str:
             flags = [f"continue: {str(rule.continue_).lower()}"]
             if rule.dry_run:
                 flags.append("dry_run: true")
+            flags += _throttle(rule, ev)
             chain = " > ".join(f"{a.name} ({a.actionner})" for a in rule.chain)
             lines.append(f"  - {rule.name} (v0.3) -> {chain}; " + ", ".join(flags))
             continue
@@ -65,6 +67,7 @@ def explain_text(run: EventRun) -> str:
         ):
             origin = "rule" if explicit else f"default of {rule.action}"
             flags.append(f"{name}: {str(value).lower()} ({origin})")
+        flags += _throttle(rule, ev)
         lines.append(f"  - {rule.name} -> {rule.action}; " + ", ".join(flags))
     lines.append("Plan, in execution order:")
     for i, step in enumerate(run.steps, 1):
@@ -83,3 +86,14 @@ def explain_text(run: EventRun) -> str:
     else:
         lines.append("Notifications: none (no rule names notifiers and no defaultNotifiers)")
     return "\n".join(lines)
+
+
+def _throttle(rule: Rule, event: FalcoEvent) -> list[str]:
+    """The rule's throttle and the counter this event would count in (a server run beyond
+    the limit skips the step: "throttled: N actions on <target> within <window>")."""
+    t = rule.throttle
+    if t is None:
+        return []
+    target = throttle_target(event, t.per)
+    on = f"{t.per} {target}" if target else f"no {t.per} in this event: not throttled"
+    return [f"throttle: at most {t.max} per {t.per} within {t.within_text} ({on})"]

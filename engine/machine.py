@@ -141,6 +141,8 @@ class EventRun:
     """The v0.3 chain steps still to run, in order (their steps are in ``steps`` already)."""
     chain_last: Step | None = None
     """The v0.3 chain step that ran last."""
+    throttled: dict[str, str] = field(default_factory=dict)
+    """Per rule name: why its throttle skips its actions for this event ("" : it does not)."""
 
     # -- conditions and callbacks named in the machine definition ----------------------------
 

@@ -30,6 +30,7 @@ from engine.machine import EventRun, Step
 from engine.matcher import Matcher
 from engine.notify import Dispatcher
 from engine.rules import Rule, RuleSet
+from engine.storm import Throttler
 from observability.eventlog import EventLogger, event_logger
 from observability.metrics import Metrics
 from observability.tracing import NO_SPAN, SpanRecord, Trace, Tracing, activate
@@ -174,8 +175,11 @@ class Pipeline:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
         print_all_events: bool = False,
+        throttler: Throttler | None = None,
     ) -> None:
         self.compiled = CompiledRules.of(rules)
+        self.throttler = throttler if throttler is not None else Throttler()
+        """Applies the rules' ``throttle`` (in memory unless NATS shares the counts)."""
         self.print_all_events = print_all_events
         """``printAllEvents``: log unmatched events at info level too."""
         self.actionners = actionners
@@ -328,6 +332,8 @@ class Pipeline:
             result = ActionResult(Outcome.PLANNED, RULE_DRY_RUN_REASON, target=target)
         elif self.dry_run:
             result = ActionResult(Outcome.PLANNED, DRY_RUN_REASON, target=target)
+        elif rule.throttle is not None and (throttled := await self._throttled(run, rule)):
+            result = ActionResult(Outcome.SKIPPED, throttled, target=target)
         else:
             with activate(trace, span):
                 result = await self._call(run, step, span, slog)
@@ -357,6 +363,14 @@ class Pipeline:
                 "duration_ms": round(step.duration * 1000, 3),
             },
         )
+
+    async def _throttled(self, run: EventRun, rule: Rule) -> str:
+        """Why ``rule``'s actions are throttled for this event, or "": decided once per rule
+        and event (a v0.3 chain's actions are one action of the throttle's count)."""
+        decided = run.throttled.get(rule.name)
+        if decided is None:
+            decided = run.throttled[rule.name] = await self.throttler.check(rule, run.event)
+        return decided
 
     async def _call(
         self, run: EventRun, step: Step, span: SpanRecord, slog: EventLogger

@@ -143,6 +143,66 @@ class ChainAction:
     additional_contexts: tuple[str, ...] = ()
 
 
+THROTTLE_TARGETS = ("pod", "workload", "node")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"
+
+
+def parse_duration(value: str | float) -> float:
+    """``"60s"``, ``"5m"``, ``"1.5h"``, ``"250ms"`` or a number of seconds, as seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip()
+    unit = "ms" if text.endswith("ms") else text[-1]
+    return float(text[: -len(unit)]) * _DURATION_UNITS[unit]
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """A rule's storm control: at most ``max`` actions per target per ``within`` seconds."""
+
+    max: int
+    per: str
+    """``pod``, ``workload`` or ``node``: what one counter is about."""
+    within: float
+    """The window, in seconds."""
+    within_text: str
+    """The window as written (``60s``), for reasons and ``rules print``."""
+
+    def as_data(self) -> dict[str, Any]:
+        return {"max": self.max, "per": self.per, "within": self.within_text}
+
+
+def _parse_throttle(raw: Mapping[str, Any] | None) -> Throttle | None:
+    if not raw:
+        return None
+    within = raw.get("within", "60s")
+    text = within if isinstance(within, str) else f"{within:g}s"
+    return Throttle(
+        int(raw.get("max", 1)), str(raw.get("per", "pod")), parse_duration(within), text
+    )
+
+
+THROTTLE_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "additionalProperties": False,
+    "description": "Storm control: at most `max` actions of this rule per target (`per`: "
+    "pod, workload or node) within `within` (60s, 5m, ...); the rest are skipped as "
+    "throttled. Counted across replicas when NATS is configured.",
+    "properties": {
+        "max": {"type": "integer", "minimum": 1, "description": "Actions per window."},
+        "per": {"enum": list(THROTTLE_TARGETS), "description": "What one counter is about."},
+        "within": {
+            "type": ["string", "number"],
+            "pattern": DURATION_PATTERN,
+            "minimum": 0,
+            "errorMessage": "is not a duration: a number with ms, s, m or h (60s, 5m)",
+            "description": "The window: 60s, 5m, 1h (a number: seconds). Default 60s.",
+        },
+    },
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One talon rule, with ``continue``/``before`` already resolved against its actionner.
@@ -167,6 +227,8 @@ class Rule:
     dry_run: bool = False
     """v0.3 ``dry_run``: the chain is planned, nothing runs."""
     description: str = ""
+    throttle: Throttle | None = None
+    """Storm control (``throttle:``): None, no limit."""
 
     @property
     def is_chain(self) -> bool:
@@ -228,6 +290,7 @@ RULE_SCHEMA: dict[str, Any] = {
             "description": "Notifiers that receive this rule's action results, "
             "in addition to defaultNotifiers.",
         },
+        "throttle": THROTTLE_SCHEMA,
     },
 }
 """One talon rule (seed syntax)."""
@@ -298,6 +361,7 @@ V03_RULE_SCHEMA: dict[str, Any] = {
             "runs. Default: true.",
         },
         "dry_run": {**V03_BOOL, "description": "true: plan the actions, run none."},
+        "throttle": THROTTLE_SCHEMA,
         "notifiers": {
             "type": ["array", "null"],
             "items": {"type": "string", "minLength": 1},
@@ -655,6 +719,7 @@ class RulesLoader:
             continue_set="continue" in item,
             before_set="before" in item,
             description=item.get("description") or "",
+            throttle=_parse_throttle(item.get("throttle")),
         )
 
     def _build_chain(
@@ -692,6 +757,7 @@ class RulesLoader:
             chain=tuple(chain),
             dry_run=flag(raw.scalars.get("dry_run", False)),
             description=str(raw.scalars.get("description") or ""),
+            throttle=_parse_throttle(raw.scalars.get("throttle")),
         )
 
     def _resolve(
@@ -839,7 +905,7 @@ class _RawRule:
     actions: list[_RawAction] = field(default_factory=list)
 
     def extend(self, doc: Document, i: int, item: Mapping[str, Any]) -> None:
-        for k in ("description", "continue", "dry_run"):
+        for k in ("description", "continue", "dry_run", "throttle"):
             if item.get(k) is not None:
                 self.scalars[k] = item[k]
         self.notifiers.extend(item.get("notifiers") or ())
@@ -945,6 +1011,8 @@ def rule_data(rule: Rule) -> dict[str, Any]:
         out["before"] = rule.before
         if rule.notifiers:
             out["notifiers"] = list(rule.notifiers)
+        if rule.throttle is not None:
+            out["throttle"] = rule.throttle.as_data()
         return out
     out = {"rule": rule.name}
     if rule.description:
@@ -954,6 +1022,8 @@ def rule_data(rule: Rule) -> dict[str, Any]:
     out["dry_run"] = rule.dry_run
     if rule.notifiers:
         out["notifiers"] = list(rule.notifiers)
+    if rule.throttle is not None:
+        out["throttle"] = rule.throttle.as_data()
     actions = []
     for a in rule.chain:
         item: dict[str, Any] = {"action": a.name}

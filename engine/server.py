@@ -35,8 +35,10 @@ from engine.listener import (
     ingest_middleware,
     listener_setup,
 )
+from engine.natsqueue import HandOff, NatsQueue
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
+from engine.storm import DedupWindow, identity
 from observability.eventlog import event_logger
 from observability.metrics import CONTENT_TYPE, Metrics
 from observability.tracing import NO_TRACE, SpanKind, SpanRecord, Trace, Tracing
@@ -62,16 +64,27 @@ class Service:
         watcher: RulesWatcher | None = None,
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
+        dedup_window: float = 0.0,
+        nats: NatsQueue | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.queue: asyncio.Queue[Queued] = asyncio.Queue(queue_size)
+        self.dedup = DedupWindow(dedup_window)
+        """The embedded default's deduplication (with NATS, the stream's window does it);
+        the CLI passes ``deduplication.timeWindowSeconds`` (default 5 s), a library user
+        opts in."""
+        self.nats = nats
+        """The durable shared queue, when ``nats.url`` is set: events go there, not to
+        :attr:`queue`, and this replica's workers pull from it."""
         self.tracing = tracing if tracing is not None else pipeline.tracing or Tracing()
         self.metrics = metrics if metrics is not None else pipeline.metrics or Metrics()
         pipeline.tracing, pipeline.metrics = self.tracing, self.metrics
         if pipeline.dispatcher is not None:
             pipeline.dispatcher.tracing = self.tracing
             pipeline.dispatcher.metrics = self.metrics
-        self.metrics.watch(self.queue.qsize, lambda: self.in_flight)
+        self.metrics.watch(
+            self.queue.qsize, lambda: self.in_flight + (nats.in_flight if nats is not None else 0)
+        )
         self.metrics.watch_rules(lambda: self.pipeline.compiled.ruleset.checksum)
         if watcher is not None and watcher.metrics is None:
             watcher.metrics = self.metrics
@@ -85,9 +98,13 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._work(), name=f"event-worker-{i}") for i in range(self.workers)
-        ]
+        if self.nats is not None:
+            await self.nats.start(self.pipeline)
+        else:
+            self._tasks = [
+                asyncio.create_task(self._work(), name=f"event-worker-{i}")
+                for i in range(self.workers)
+            ]
         self.tracing.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -114,11 +131,28 @@ class Service:
             return False
         return True
 
+    async def hand_off(
+        self, event: FalcoEvent, trace: Trace = NO_TRACE, root: SpanRecord | None = None
+    ) -> HandOff:
+        """Queue an accepted event: in NATS when configured (stored before this returns),
+        else in memory, once per identity within the deduplication window."""
+        if self.nats is not None:
+            return await self.nats.publish(event, trace, root)
+        key = identity(event)
+        if self.dedup.seen(key):
+            return HandOff.DUPLICATE
+        if not self.submit(event, trace, root):
+            return HandOff.FULL
+        self.dedup.add(key)
+        return HandOff.ACCEPTED
+
     async def stop(self) -> None:
         """Stop accepting, finish queued and in-flight events (bounded), stop the workers."""
         self.accepting = False
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.nats is not None:
+            await self.nats.stop()
         deadline = time.monotonic() + self.shutdown_timeout
         try:
             await asyncio.wait_for(self.queue.join(), self.shutdown_timeout)
@@ -147,7 +181,7 @@ class Service:
             "rules_checksum": self.pipeline.compiled.ruleset.checksum,
             "dry_run": self.pipeline.dry_run,
             "queue": self.queue.qsize(),
-            "in_flight": self.in_flight,
+            "in_flight": self.in_flight + (self.nats.in_flight if self.nats is not None else 0),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
@@ -188,6 +222,11 @@ async def post_event(request: web.Request) -> web.Response:
     )
     try:
         response, event = await _accept(request, service, trace, root)
+        if event is not None and response.status == 202:
+            # The answer is the hand-off's (queued, duplicate, queue unavailable), and so is
+            # the status on the request's span.
+            handed = await service.hand_off(event, trace, root)
+            response = _handed_off(service, event, trace, handed)
     finally:
         root.end()
     root.set(http__response__status_code=response.status)
@@ -200,10 +239,22 @@ async def post_event(request: web.Request) -> web.Response:
             falco__hostname=event.hostname,
         )
     service.tracing.submit(trace)
-    if event is not None and response.status == 202 and not service.submit(event, trace, root):
-        # Raced with a full queue between the check and the put: refuse, never drop.
-        return _refuse_full(service, event, trace)
     return response
+
+
+def _handed_off(service: Service, event: FalcoEvent, trace: Trace, result: HandOff) -> web.Response:
+    if result is HandOff.ACCEPTED:
+        return _json(202, {"status": "accepted", "id": event.id})
+    if result is HandOff.DUPLICATE:
+        service.metrics.deduplicated()
+        return _json(200, {"status": "duplicate", "id": event.id})
+    if result is HandOff.UNAVAILABLE:
+        service.metrics.rejected("queue_unavailable")
+        return _json(
+            503, {"error": "queue unavailable, retry later", "id": event.id}, {"Retry-After": "2"}
+        )
+    # Raced with a full queue between the check and the put: refuse, never drop.
+    return _refuse_full(service, event, trace)
 
 
 def _refuse_full(service: Service, event: FalcoEvent, trace: Trace) -> web.Response:

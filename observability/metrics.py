@@ -82,7 +82,8 @@ class Metrics:
         )
         self.events_rejected = Counter(
             "falco_talon_events_rejected",
-            "Requests refused, by reason (invalid, too_large, queue_full, shutting_down).",
+            "Requests refused, by reason (invalid, too_large, queue_full, shutting_down, "
+            "queue_unavailable).",
             ["reason"],
             registry=r,
         )
@@ -130,6 +131,16 @@ class Metrics:
         self.in_flight = Gauge(
             "falco_talon_events_in_flight", "Events being processed now.", registry=r
         )
+        self.events_deduplicated = Counter(
+            "falco_talon_events_deduplicated",
+            "Events answered duplicate: the same event was accepted within the window.",
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            "falco_talon_events_dead_lettered",
+            "Events given up after nats.maxDeliver deliveries, moved to the dead letters.",
+            registry=r,
+        )
         self.rules_reloads = Counter(
             "falco_talon_rules_reloads",
             "Rules reloads after a change of the rules files, by result (succeeded, rejected).",
@@ -174,6 +185,12 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self._child(self.events_rejected, reason).inc()
+
+    def deduplicated(self) -> None:
+        self.events_deduplicated.inc()
+
+    def dead_lettered(self) -> None:
+        self.events_dead_lettered.inc()
 
     def matched(self, rule: str) -> None:
         self._child(self.rules_matched, rule).inc()

@@ -25,13 +25,18 @@ TRACE_URL_PATTERN = r"^$|^https?://[^\s/{}]+[^\s]*\{trace_id\}[^\s]*$"
 """``traceUrl``: empty, or an http(s) URL with a host and ``{trace_id}`` somewhere after it."""
 
 
-def _opt(key: str, default: Any, schema: dict[str, Any], help: str, v03: str = "") -> Any:
+def _opt(
+    key: str, default: Any, schema: dict[str, Any], help: str, v03: str = "", secret: bool = False
+) -> Any:
     """A settings field bound to config key ``key`` (env var ``key.upper()``); ``v03``: the
-    Falco Talon v0.3 spelling of the key, accepted too (env var ``v03.upper()``)."""
+    Falco Talon v0.3 spelling of the key, accepted too (env var ``v03.upper()``); ``secret``:
+    never shown (redacted from messages and the effective config)."""
     factory = (lambda: type(default)(default)) if isinstance(default, (list, dict)) else None
     meta: dict[str, Any] = {"key": key, "schema": {**schema, "description": help}}
     if v03:
         meta["v03"] = v03
+    if secret:
+        meta["secret"] = True
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -254,22 +259,89 @@ class LoggingSettings:
 
 @dataclass(frozen=True, slots=True)
 class DeduplicationSettings:
-    """Falco Talon v0.3's ``deduplication`` section: accepted and validated; no effect yet
-    (README "Configuration")."""
+    """Falco Talon v0.3's ``deduplication`` section: the window in which the same event
+    sent again is answered ``duplicate`` and not processed (README "Scaling out")."""
 
     leader_election: bool = _opt(
         "leaderElection",
         True,
         {"type": "boolean"},
-        "Only the leader replica runs actions (not implemented yet: no effect).",
+        "Accepted for Falco Talon v0.3 configs, no effect: no leader is needed, every "
+        'replica consumes the shared NATS stream (README "Scaling out").',
         "leader_election",
     )
     time_window_seconds: int = _opt(
         "timeWindowSeconds",
         5,
         {"type": "integer", "minimum": 0},
-        "Identical events within this window run once (not implemented yet: no effect).",
+        "The same event (same uuid, else same rule, output, time and hostname) received "
+        "again within this many seconds is answered duplicate and not processed; with NATS "
+        "the stream's duplicate window, across replicas. 0: no deduplication.",
         "time_window_seconds",
+    )
+
+
+TLS_FILES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "caFile": {"type": "string", "description": "CA bundle that signed the server's cert."},
+        "certFile": {"type": "string", "description": "Client certificate (mutual TLS)."},
+        "keyFile": {"type": "string", "description": "The client certificate's key."},
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NatsSettings:
+    """The opt-in durable shared queue: NATS JetStream (README "Scaling out")."""
+
+    url: str = _opt(
+        "url",
+        "",
+        {"type": "string", "pattern": r"^$|^(nats|tls)://\S+$"},
+        "NATS server(s), comma-separated (nats://host:4222); empty: the embedded in-memory "
+        "queue of one process.",
+    )
+    stream: str = _opt(
+        "stream",
+        "FALCO_TALON",
+        {"type": "string", "pattern": r"^[A-Za-z0-9_-]+$"},
+        "JetStream stream holding accepted events (created if missing: file storage, "
+        "work-queue retention).",
+    )
+    subject: str = _opt(
+        "subject",
+        "falco-talon.events",
+        {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+        "Subject events are published on; dead letters go to <subject>.dead.",
+    )
+    token: str = _opt(
+        "token",
+        "",
+        {"type": "string"},
+        "Token to authenticate with (secret: never printed).",
+        secret=True,
+    )
+    token_file: str = _opt(
+        "tokenFile", "", {"type": "string"}, "File holding the token (instead of token)."
+    )
+    tls: dict[str, str] = _opt(
+        "tls", {}, TLS_FILES_SCHEMA, "TLS to NATS: caFile, certFile, keyFile."
+    )
+    ack_wait: float = _opt(
+        "ackWait",
+        30.0,
+        {"type": "number", "exclusiveMinimum": 0},
+        "Seconds without a sign of life from the replica running an event before NATS "
+        "hands the event to another (a live run keeps telling it is in progress).",
+    )
+    max_deliver: int = _opt(
+        "maxDeliver",
+        5,
+        {"type": "integer", "minimum": 1},
+        "Deliveries of one event before it is given up: moved to <subject>.dead, logged "
+        "with its id and counted in falco_talon_events_dead_lettered_total.",
     )
 
 
@@ -310,7 +382,19 @@ class Settings:
             "key": "deduplication",
             "schema": {
                 "type": "object",
-                "description": "Falco Talon v0.3's event deduplication: accepted, no effect yet.",
+                "description": "Identical events within a window are processed once.",
+                "additionalProperties": False,
+            },
+        },
+    )
+    nats: NatsSettings = field(
+        default_factory=NatsSettings,
+        metadata={
+            "key": "nats",
+            "schema": {
+                "type": "object",
+                "description": "Opt-in: a durable queue shared by replicas (NATS JetStream). "
+                "Without url, one process and its in-memory queue.",
                 "additionalProperties": False,
             },
         },

@@ -85,6 +85,8 @@ class FalcoEvent:
     time: str = ""
     tags: tuple[str, ...] = ()
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id_given: bool = False
+    """True when the sender gave the id (Falcosidekick's ``uuid``); False: made up here."""
     level: Priority | None = None
     """The parsed priority; None when Falco sent a priority we do not know."""
     tag_set: frozenset[str] = frozenset()
@@ -213,6 +215,7 @@ def event_from_dict(data: dict[str, Any]) -> FalcoEvent:
         time=data.get("time") or "",
         tags=tuple(data.get("tags") or ()),
         id=data.get("uuid") or str(uuid.uuid4()),
+        id_given=bool(data.get("uuid")),
     )
 
 

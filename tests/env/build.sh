@@ -10,6 +10,7 @@
 #                                 (same k8s.io/kubernetes version and scratch module as k8s)
 #   tests/env/build.sh containerd containerd, ctr, containerd-shim-runc-v2
 #   tests/env/build.sh cni        CNI plugins bridge, host-local, loopback, portmap
+#   tests/env/build.sh nats       nats-server (JetStream), for tests/nats/
 #
 # Binaries are cached outside the repository, in
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/k8s-<K8S_VERSION>-etcd-<ETCD_VERSION>/
@@ -19,6 +20,7 @@
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/node-<K8S_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/containerd-<CONTAINERD_VERSION>/
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/cni-<CNI_VERSION>/
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/falco-talon/testenv/nats-<NATS_VERSION>/
 # A second run finds them there and returns at once. If KUBEBUILDER_ASSETS names
 # a directory holding kube-apiserver and etcd (as setup-envtest provides), that
 # directory is used and nothing is built.
@@ -26,7 +28,7 @@
 # Progress goes to stderr; the last line on stdout is the bin directory.
 #
 # Overridable environment: K8S_VERSION, ETCD_VERSION, JAEGER_VERSION, HELM_VERSION,
-# CONTAINERD_VERSION, CNI_VERSION, GO (the go binary), GOPROXY, XDG_CACHE_HOME. (The kubelet's versions are pinned by
+# CONTAINERD_VERSION, CNI_VERSION, NATS_VERSION, GO (the go binary), GOPROXY, XDG_CACHE_HOME. (The kubelet's versions are pinned by
 # tests/env/kubelet/go.mod and go.sum, not by K8S_VERSION.)
 set -euo pipefail
 
@@ -36,6 +38,7 @@ JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 CONTAINERD_VERSION="${CONTAINERD_VERSION:-v2.4.2}"
 CNI_VERSION="${CNI_VERSION:-v1.10.0}"
+NATS_VERSION="${NATS_VERSION:-v2.15.2}"
 NODE_BINS=(kubelet kube-scheduler kube-controller-manager kube-proxy)
 CONTAINERD_BINS=(containerd ctr containerd-shim-runc-v2)
 CNI_BINS=(bridge host-local loopback portmap)
@@ -101,12 +104,16 @@ cni)
     BIN_DIR="$CACHE_ROOT/cni-$CNI_VERSION"
     have_bins "$BIN_DIR" "${CNI_BINS[@]}" && { echo "$BIN_DIR"; exit 0; }
     ;;
+nats)
+    BIN_DIR="$CACHE_ROOT/nats-$NATS_VERSION"
+    have_bins "$BIN_DIR" nats-server && { echo "$BIN_DIR"; exit 0; }
+    ;;
 -h|--help|help)
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
-    die "unknown target '$target' (expected: k8s, jaeger, kubelet, helm, node, containerd, cni)"
+    die "unknown target '$target' (expected: k8s, jaeger, kubelet, helm, node, containerd, cni, nats)"
     ;;
 esac
 
@@ -266,6 +273,21 @@ build_cni() {
         "$m" "$CNI_VERSION" plugins/main/bridge plugins/ipam/host-local plugins/main/loopback plugins/meta/portmap
 }
 
+build_nats() {
+    [[ -x "$BIN_DIR/nats-server" ]] && return 0
+    # github.com/nats-io/nats-server/v2 is itself package main (main.go at the
+    # module root); go install names the binary nats-server (the /v2 suffix is dropped).
+    local tmp="$BIN_DIR/.gobin.$$"
+    mkdir -p "$tmp"
+    log "go install github.com/nats-io/nats-server/v2@$NATS_VERSION"
+    GOBIN="$tmp" GOFLAGS="" "$GO" install -trimpath \
+        -ldflags="-s -w -X github.com/nats-io/nats-server/v2/server.gitCommit=$NATS_VERSION" \
+        "github.com/nats-io/nats-server/v2@$NATS_VERSION"
+    mv -f "$tmp/nats-server" "$BIN_DIR/nats-server"
+    rm -rf "$tmp"
+    "$BIN_DIR/nats-server" --version >&2
+}
+
 build_jaeger() {
     [[ -x "$BIN_DIR/jaeger" ]] && return 0
     local dir="$SCRATCH/jaeger"
@@ -346,6 +368,9 @@ containerd)
     ;;
 cni)
     build_cni
+    ;;
+nats)
+    build_nats
     ;;
 esac
 

@@ -86,7 +86,7 @@ BAD: list[tuple[str, str, str]] = [
         "unknown key in a rule",
         "- name: x\n  action: {name: kubernetes:terminate}\n  contine: false\n",
         "{f}:3:3: unknown key 'contine'; allowed: action, before, continue, description, "
-        "match, name, notifiers (at $[0].contine)",
+        "match, name, notifiers, throttle (at $[0].contine)",
     ),
     (
         "continue is a boolean",

@@ -164,7 +164,7 @@ BAD: list[tuple[str, list[str], list[str]]] = [
         ],
         [
             "{0}:4:3: unknown key 'dryrun'; allowed: actions, continue, description, "
-            "dry_run, match, notifiers, rule (at $[0].dryrun)"
+            "dry_run, match, notifiers, rule, throttle (at $[0].dryrun)"
         ],
     ),
     (

@@ -1,0 +1,150 @@
+"""Storm control: the identity of an event (for deduplication) and per-rule throttles.
+
+Position in the flow: HTTP -> **deduplication** -> queue -> ... -> **throttle** -> actionners.
+
+* :func:`identity` names an event so that the same event sent twice has one name:
+  Falcosidekick's ``uuid`` when the sender gave one, else a hash of rule + output + time +
+  hostname. The embedded default keeps the names seen in the last window in memory
+  (:class:`DedupWindow`); with NATS the name is the message's ``Nats-Msg-Id`` and the
+  stream's ``duplicate_window`` does the same across replicas.
+* :class:`Throttler` decides, per rule with a ``throttle``, whether one more action on a
+  target (pod / workload / node) fits in the window. The counts live in a
+  :class:`CounterStore`: :class:`MemoryCounters` in one process, a JetStream key-value
+  bucket when NATS is configured (``engine.natsqueue``), so replicas share them. One
+  algorithm for both: a sliding log of the times actions were allowed, per key, updated
+  with compare-and-set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+from engine.contract.event import FalcoEvent
+from engine.rules import Rule, Throttle
+
+
+def identity(event: FalcoEvent) -> str:
+    """The event's name for deduplication (hex, safe as a ``Nats-Msg-Id``)."""
+    if event.id_given:
+        text = "uuid\0" + event.id
+    else:
+        text = "\0".join(("event", event.rule, event.output, event.time, event.hostname))
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+class DedupWindow:
+    """The identities seen in the last ``window`` seconds, in memory (the embedded default).
+
+    ``seen`` does not record: the caller ``add``s once the event is really queued, so an
+    event refused (queue full) and sent again is not taken for a duplicate."""
+
+    def __init__(self, window: float, limit: int = 200_000) -> None:
+        self.window = window
+        self.limit = limit
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+
+    def _expire(self, now: float) -> None:
+        expiry = self._expiry
+        while expiry:
+            until = next(iter(expiry.values()))
+            if until > now and len(expiry) <= self.limit:
+                break
+            expiry.popitem(last=False)
+
+    def seen(self, key: str) -> bool:
+        if self.window <= 0:
+            return False
+        now = time.monotonic()
+        self._expire(now)
+        until = self._expiry.get(key)
+        return until is not None and until > now
+
+    def add(self, key: str) -> None:
+        if self.window > 0:
+            self._expiry[key] = time.monotonic() + self.window
+            self._expiry.move_to_end(key)
+
+
+# -- throttle ------------------------------------------------------------------------------------
+
+_REPLICASET_POD = re.compile(r"^(?P<name>.+)-[a-z0-9]{6,10}-[a-z0-9]{5}$")
+_CONTROLLED_POD = re.compile(r"^(?P<name>.+)-([a-z0-9]{5}|[0-9]+)$")
+
+
+def workload_of(pod: str) -> str:
+    """The workload a pod's name says it belongs to: a Deployment's pod
+    ``web-7d4b9c8f6d-x2k9q`` -> ``web``; a DaemonSet's/Job's ``agent-x2k9q`` or a
+    StatefulSet's ``db-0`` -> ``agent``/``db``; any other name is its own workload."""
+    for pattern in (_REPLICASET_POD, _CONTROLLED_POD):
+        m = pattern.match(pod)
+        if m:
+            return m.group("name")
+    return pod
+
+
+def throttle_target(event: FalcoEvent, per: str) -> str | None:
+    """What one counter is about (``per``: pod, workload or node); None when the event
+    does not tell (then nothing is throttled)."""
+    if per == "node":
+        return event.hostname or None
+    target = event.target
+    if target.pod is None:
+        return None
+    ns = target.namespace or ""
+    if per == "workload":
+        return f"{ns}/{workload_of(target.pod)}"
+    return f"{ns}/{target.pod}"
+
+
+class CounterStore(Protocol):
+    """Where throttle counts live. ``take`` is atomic: it records one action at ``now`` in
+    ``key``'s log unless the log already holds ``limit`` times newer than ``now - window``;
+    True when it recorded."""
+
+    async def take(self, key: str, limit: int, window: float, now: float) -> bool: ...
+
+
+class MemoryCounters:
+    """Throttle counts in this process (the embedded default)."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._logs: OrderedDict[str, list[float]] = OrderedDict()
+
+    async def take(self, key: str, limit: int, window: float, now: float) -> bool:
+        log = [t for t in self._logs.get(key, ()) if t > now - window]
+        allowed = len(log) < limit
+        if allowed:
+            log.append(now)
+        self._logs[key] = log
+        self._logs.move_to_end(key)
+        while len(self._logs) > self.max_keys:
+            self._logs.popitem(last=False)
+        return allowed
+
+
+def throttled_reason(throttle: Throttle, target: str) -> str:
+    return f"throttled: {throttle.max} actions on {target} within {throttle.within_text}"
+
+
+class Throttler:
+    """Applies the rules' ``throttle``: ``check`` says why an action must be skipped, or ""."""
+
+    def __init__(self, store: CounterStore | None = None) -> None:
+        self.store: CounterStore = store if store is not None else MemoryCounters()
+
+    async def check(self, rule: Rule, event: FalcoEvent) -> str:
+        throttle = rule.throttle
+        if throttle is None:
+            return ""
+        target = throttle_target(event, throttle.per)
+        if target is None:
+            return ""
+        key = hashlib.sha256(f"{rule.name}\0{throttle.per}\0{target}".encode()).hexdigest()[:40]
+        if await self.store.take(key, throttle.max, throttle.within, time.time()):
+            return ""
+        return throttled_reason(throttle, f"{throttle.per} {target}")

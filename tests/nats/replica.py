@@ -1,0 +1,54 @@
+"""One falco-talon replica for tests/nats/: the real CLI (``falco-talon server``) in its own
+process, with two test-only actionners registered first (the real registry, no mock):
+
+* ``test:mark`` appends ``<event id>`` to the file named by ``TALON_TEST_MARKS`` (one
+  ``O_APPEND`` write a line, so replicas can share the file), after sleeping ``seconds``;
+* ``test:die`` kills its own process with SIGKILL: a run that can never reach a final
+  state (a poison event that crashes the replica, as an OOM kill or a segfault would).
+
+    python -m tests.nats.replica server -c config.yaml -r rules.yaml
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from engine.cli import main
+from engine.contract.actionners import ACTIONNERS, ActionContext, actionner
+from engine.contract.results import ActionResult
+from engine.plugins import load_plugins
+
+
+def register() -> None:
+    load_plugins()
+
+    @actionner(
+        "test:mark",
+        description="appends the event id to $TALON_TEST_MARKS",
+        registry=ACTIONNERS,
+        parameters={
+            "type": "object",
+            "properties": {"seconds": {"type": "number"}},
+            "additionalProperties": False,
+        },
+    )
+    async def _mark(ctx: ActionContext) -> ActionResult:
+        await asyncio.sleep(float(ctx.parameters.get("seconds", 0)))
+        fd = os.open(os.environ["TALON_TEST_MARKS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{ctx.event.id}\n".encode())
+        finally:
+            os.close(fd)
+        return ActionResult.succeeded("marked", target=ctx.target)
+
+    @actionner("test:die", description="SIGKILLs its own process", registry=ACTIONNERS)
+    async def _die(ctx: ActionContext) -> ActionResult:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return ActionResult.failed("unreachable", target=ctx.target)
+
+
+if __name__ == "__main__":
+    register()
+    main()
