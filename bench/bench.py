@@ -218,6 +218,26 @@ def bench_tracing() -> dict[str, Any]:
     return out
 
 
+def _post_until_gone(core: Any, request: Any, pod: str, ns: str, limit: float) -> float:
+    """Seconds from POSTing ``request`` to ``pod`` reading as 404, polling every 2 ms."""
+    import urllib.request
+
+    from kubernetes import client
+
+    t0 = time.perf_counter()
+    urllib.request.urlopen(request, timeout=10).read()
+    while True:
+        try:
+            core.read_namespaced_pod(pod, ns, _request_timeout=5)
+        except client.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return time.perf_counter() - t0
+            raise
+        if time.perf_counter() - t0 > limit:
+            raise RuntimeError(f"pod {pod} still there after {limit:g} s")
+        time.sleep(0.002)
+
+
 def bench_kubernetes(events: int = 200) -> dict[str, Any]:
     """POST to the pod's deletion being visible in the API: a real kube-apiserver (the test
     environment's, in a state directory of its own), falco-talon as a server process
@@ -273,21 +293,10 @@ def bench_kubernetes(events: int = 200) -> dict[str, Any]:
                 )
                 body = json.dumps(event).encode()
                 t0 = time.perf_counter()
-                urllib.request.urlopen(
-                    urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, method="POST"),
-                    timeout=10,
-                ).read()
-                while True:
-                    try:
-                        core.read_namespaced_pod(pod, ns, _request_timeout=5)
-                    except client.exceptions.ApiException as exc:
-                        if exc.status == 404:
-                            break
-                        raise
-                    if time.perf_counter() - t0 > 10:
-                        raise RuntimeError(f"pod {pod} still there after 10 s")
-                    time.sleep(0.002)
-                latencies.append(time.perf_counter() - t0)
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/", data=body, method="POST"
+                )
+                latencies.append(_post_until_gone(core, request, pod, ns, limit=10))
         finally:
             server.terminate()
             server.wait(60)
@@ -377,19 +386,7 @@ def bench_real_node(events: int = 200, batch: int = 25) -> dict[str, Any]:
                         "User-Agent": "Falcosidekick",
                     },
                 )
-                t0 = time.perf_counter()
-                urllib.request.urlopen(request, timeout=10).read()
-                while True:
-                    try:
-                        core.read_namespaced_pod(pod, ns, _request_timeout=5)
-                    except client.exceptions.ApiException as exc:
-                        if exc.status == 404:
-                            break
-                        raise
-                    if time.perf_counter() - t0 > 30:
-                        raise RuntimeError(f"pod {pod} still there after 30 s")
-                    time.sleep(0.002)
-                latencies.append(time.perf_counter() - t0)
+                latencies.append(_post_until_gone(core, request, pod, ns, limit=30))
     finally:
         core.delete_namespace(ns)
         api.close()
