@@ -292,7 +292,6 @@ def bench_kubernetes(events: int = 200) -> dict[str, Any]:
                     },
                 )
                 body = json.dumps(event).encode()
-                t0 = time.perf_counter()
                 request = urllib.request.Request(
                     f"http://127.0.0.1:{port}/", data=body, method="POST"
                 )
