@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,7 @@ def bench_kubernetes(events: int = 200) -> dict[str, Any]:
                 )
                 event = dict(
                     EXAMPLE,
+                    uuid=str(uuid.uuid4()),  # a distinct event each time: not deduplicated
                     output_fields={
                         **EXAMPLE["output_fields"],
                         "k8s.pod.name": pod,
@@ -370,6 +372,7 @@ def bench_real_node(events: int = 200, batch: int = 25) -> dict[str, Any]:
                 event = dict(
                     EXAMPLE,
                     rule="Talon e2e terminate",
+                    uuid=str(uuid.uuid4()),  # a distinct event each time: not deduplicated
                     output_fields={
                         **EXAMPLE["output_fields"],
                         "k8s.pod.name": pod,
