@@ -345,6 +345,13 @@ class NatsSettings:
     )
 
 
+def _section(factory: Any, key: str, description: str) -> Any:
+    """A group of settings written as one config section ``key:`` (an object with its own
+    keys), rather than as top-level keys."""
+    schema = {"type": "object", "description": description, "additionalProperties": False}
+    return field(default_factory=factory, metadata={"key": key, "schema": schema})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """All settings, grouped."""
@@ -354,62 +361,24 @@ class Settings:
     actions: ActionSettings = field(default_factory=ActionSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
-    tls: TlsSettings = field(
-        default_factory=TlsSettings,
-        metadata={
-            "key": "tls",
-            "schema": {
-                "type": "object",
-                "description": "TLS and mutual TLS on listenPort.",
-                "additionalProperties": False,
-            },
-        },
+    tls: TlsSettings = _section(TlsSettings, "tls", "TLS and mutual TLS on listenPort.")
+    auth: AuthSettings = _section(AuthSettings, "auth", "Bearer token required on POST /.")
+    deduplication: DeduplicationSettings = _section(
+        DeduplicationSettings,
+        "deduplication",
+        "Identical events within a window are processed once.",
     )
-    auth: AuthSettings = field(
-        default_factory=AuthSettings,
-        metadata={
-            "key": "auth",
-            "schema": {
-                "type": "object",
-                "description": "Bearer token required on POST /.",
-                "additionalProperties": False,
-            },
-        },
+    nats: NatsSettings = _section(
+        NatsSettings,
+        "nats",
+        "Opt-in: a durable queue shared by replicas (NATS JetStream). "
+        "Without url, one process and its in-memory queue.",
     )
-    deduplication: DeduplicationSettings = field(
-        default_factory=DeduplicationSettings,
-        metadata={
-            "key": "deduplication",
-            "schema": {
-                "type": "object",
-                "description": "Identical events within a window are processed once.",
-                "additionalProperties": False,
-            },
-        },
-    )
-    nats: NatsSettings = field(
-        default_factory=NatsSettings,
-        metadata={
-            "key": "nats",
-            "schema": {
-                "type": "object",
-                "description": "Opt-in: a durable queue shared by replicas (NATS JetStream). "
-                "Without url, one process and its in-memory queue.",
-                "additionalProperties": False,
-            },
-        },
-    )
-    tracing: TracingSettings = field(
-        default_factory=TracingSettings,
-        metadata={
-            "key": "otel",
-            "schema": {
-                "type": "object",
-                "description": "OpenTelemetry traces (OTLP). The standard "
-                "OTEL_EXPORTER_OTLP_* variables and OTEL_SERVICE_NAME are honoured too.",
-                "additionalProperties": False,
-            },
-        },
+    tracing: TracingSettings = _section(
+        TracingSettings,
+        "otel",
+        "OpenTelemetry traces (OTLP). The standard "
+        "OTEL_EXPORTER_OTLP_* variables and OTEL_SERVICE_NAME are honoured too.",
     )
 
 
