@@ -14,13 +14,14 @@ label (the original used a ``k8s.io/metadata.name`` label that does not exist).
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, NamedTuple
 
 from actionners.kubernetes import (
     ALLOW_SCHEMA,
     MANAGED_BY,
     NAMESPACE_NAME_LABEL,
     NoTarget,
+    Workload,
     cidrs_of,
     create_or_replace,
     injects_api_skips_missing_pod,
@@ -30,7 +31,7 @@ from actionners.kubernetes import (
 )
 from engine.contract.actionners import ActionContext, RbacRule, actionner
 from engine.contract.kubeapi import KubeApi
-from engine.contract.results import ActionResult
+from engine.contract.results import ActionResult, Target
 
 GROUP, VERSION, PLURAL = "projectcalico.org", "v3", "networkpolicies"
 IP_FIELDS = ("fd.rip|fd.sip",)
@@ -47,6 +48,38 @@ def remote_net(ctx: ActionContext) -> str:
                 continue
             return f"{address}/{address.max_prefixlen}"
     raise NoTarget("the event names no remote IP address (fd.rip or fd.sip)", ctx.target)
+
+
+class DenyPlan(NamedTuple):
+    """What a CNI network policy action works out first, whatever the CNI: the pod's
+    workload, the policy's namespace and name, the address to deny, what stays allowed."""
+
+    target: Target
+    workload: Workload
+    namespace: str
+    name: str
+    denied: str
+    cidrs: list[str]
+    namespaces: list[str]
+
+
+async def deny_plan(api: KubeApi, ctx: ActionContext) -> DenyPlan | ActionResult:
+    """The :class:`DenyPlan` of this event, or the outcome that ends the step early (a pod
+    without a workload to select); :class:`NoTarget` without a pod or remote address."""
+    pod, target = await pod_of(api, ctx)
+    denied = remote_net(ctx)
+    workload = await workload_of(api, pod, target)
+    if isinstance(workload, ActionResult):
+        return workload
+    return DenyPlan(
+        target,
+        workload,
+        str(target.namespace),
+        workload.policy_name,
+        denied,
+        cidrs_of(ctx.parameters.get("allow_cidr")),
+        sorted(set(ctx.parameters.get("allow_namespaces") or ())),
+    )
 
 
 def calico_selector(selector: dict[str, Any]) -> str:
@@ -97,14 +130,10 @@ def _quote(value: str) -> str:
 )
 @injects_api_skips_missing_pod
 async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
-    pod, target = await pod_of(api, ctx)
-    denied = remote_net(ctx)
-    workload = await workload_of(api, pod, target)
-    if isinstance(workload, ActionResult):
-        return workload
-    ns, name = str(target.namespace), workload.policy_name
-    cidrs = cidrs_of(ctx.parameters.get("allow_cidr"))
-    namespaces = sorted(set(ctx.parameters.get("allow_namespaces") or ()))
+    plan = await deny_plan(api, ctx)
+    if isinstance(plan, ActionResult):
+        return plan
+    target, workload, ns, name, denied, cidrs, namespaces = plan
     custom: Any = api.custom
     what = f"calico networkpolicy {ns}/{name}"
 

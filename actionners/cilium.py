@@ -17,16 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from actionners.calico import IP_FIELDS, remote_net
+from actionners.calico import IP_FIELDS, deny_plan
 from actionners.kubernetes import (
     ALLOW_SCHEMA,
     MANAGED_BY,
-    cidrs_of,
     create_or_replace,
     injects_api_skips_missing_pod,
-    pod_of,
     with_version,
-    workload_of,
 )
 from engine.contract.actionners import ActionContext, RbacRule, actionner
 from engine.contract.kubeapi import KubeApi
@@ -65,14 +62,10 @@ DESCRIPTION = "Network policy created by Falco Talon"
 )
 @injects_api_skips_missing_pod
 async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
-    pod, target = await pod_of(api, ctx)
-    denied = remote_net(ctx)
-    workload = await workload_of(api, pod, target)
-    if isinstance(workload, ActionResult):
-        return workload
-    ns, name = str(target.namespace), workload.policy_name
-    cidrs = cidrs_of(ctx.parameters.get("allow_cidr"))
-    namespaces = sorted(set(ctx.parameters.get("allow_namespaces") or ()))
+    plan = await deny_plan(api, ctx)
+    if isinstance(plan, ActionResult):
+        return plan
+    target, workload, ns, name, denied, cidrs, namespaces = plan
     custom: Any = api.custom
 
     def body(deny: list[str]) -> dict[str, Any]:
