@@ -431,8 +431,12 @@ def ingest_middleware(
                 length = request.content_length
                 if request.can_read_body and (length is None or length <= max_body_size):
                     try:
-                        async with asyncio.timeout(config.body_timeout):
+                        if request.content.is_eof():
+                            # the whole body came with the head: nothing to wait for, no timer
                             await request.read()  # cached: the handler's read() returns it
+                        else:
+                            async with asyncio.timeout(config.body_timeout):
+                                await request.read()
                     except TimeoutError:
                         on_reject("body_timeout")
                         log.info(

@@ -221,8 +221,12 @@ async def post_event(request: web.Request) -> web.Response:
         "POST /", kind=SpanKind.SERVER, http__request__method="POST", url__path="/", http__route="/"
     )
     try:
-        response, event = await _accept(request, service, trace, root)
-        if event is not None and response.status == 202:
+        accepted = await _accept(request, service, trace, root)
+        event: FalcoEvent | None = None
+        if isinstance(accepted, web.Response):
+            response = accepted
+        else:
+            event = accepted
             # The answer is the hand-off's (queued, duplicate, queue unavailable), and so is
             # the status on the request's span.
             handed = await service.hand_off(event, trace, root)
@@ -265,12 +269,12 @@ def _refuse_full(service: Service, event: FalcoEvent, trace: Trace) -> web.Respo
 
 async def _accept(
     request: web.Request, service: Service, trace: Trace, root: SpanRecord
-) -> tuple[web.Response, FalcoEvent | None]:
-    """Validate the request; a 202 means the event may be queued."""
+) -> FalcoEvent | web.Response:
+    """Validate the request: the event to hand off, or the reply refusing it."""
     metrics = service.metrics
     if not service.accepting:
         metrics.rejected("shutting_down")
-        return _json(503, {"error": "shutting down"}, {"Retry-After": "5"}), None
+        return _json(503, {"error": "shutting down"}, {"Retry-After": "5"})
     limit = service.max_body_size
     if request.content_length is not None and request.content_length > limit:
         metrics.rejected("too_large")
@@ -280,22 +284,22 @@ async def _accept(
                 "error": f"body of {request.content_length} bytes exceeds the "
                 f"limit of {limit} bytes (maxBodySize)"
             },
-        ), None
+        )
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         metrics.rejected("too_large")
-        return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"}), None
+        return _json(413, {"error": f"body exceeds the limit of {limit} bytes (maxBodySize)"})
     try:
         event = decode_event(body)
     except EventError as exc:
         metrics.rejected("invalid")
         root.set(talon__error=exc.message)
-        return _json(400, exc.as_json()), None
+        return _json(400, exc.as_json())
     if service.queue.full():
-        return _refuse_full(service, event, trace), None
+        return _refuse_full(service, event, trace)
     service.metrics.received(event.source, event.priority)
-    return _json(202, {"status": "accepted", "id": event.id}), event
+    return event
 
 
 async def metrics(request: web.Request) -> web.Response:

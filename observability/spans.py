@@ -125,16 +125,27 @@ ACTIVE: ContextVar[tuple[Trace, SpanRecord] | None] = ContextVar("talon_span", d
 """The trace and span the current task works under (log lines carry their ids)."""
 
 
-@contextlib.contextmanager
-def activate(trace: Trace, span: SpanRecord) -> Iterator[None]:
+class _Activation:
+    """The context manager :func:`activate` returns (a class: it is entered once per state
+    of every event, and a generator-based one costs twice as much)."""
+
+    __slots__ = ("_token", "_value")
+
+    def __init__(self, value: tuple[Trace, SpanRecord]) -> None:
+        self._value = value
+
+    def __enter__(self) -> None:
+        self._token = ACTIVE.set(self._value)
+
+    def __exit__(self, *exc: object) -> None:
+        ACTIVE.reset(self._token)
+
+
+def activate(trace: Trace, span: SpanRecord) -> _Activation:
     """Make ``span`` the active span for the block: the parent of spans started with
     :func:`child`, and the ids log lines carry. The previous one is restored on exit, even
     when the block raises."""
-    token = ACTIVE.set((trace, span))
-    try:
-        yield
-    finally:
-        ACTIVE.reset(token)
+    return _Activation((trace, span))
 
 
 @contextlib.contextmanager
