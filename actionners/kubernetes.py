@@ -211,6 +211,8 @@ def _ignored_by_owner(ctx: ActionContext, pod: Any) -> str | None:
 async def terminate(ctx: ActionContext, api: KubeApi) -> ActionResult:
     """Delete the pod, unless its owner or the replica budget says to leave it."""
     params = ctx.parameters
+    if not any(params.get(k) for k in _OWNER_CHECKS) and params.get("min_healthy_replicas") is None:
+        return await _delete_pod(ctx, api, int(params.get("grace_period_seconds", 0)))
     try:
         pod, target = await pod_of(api, ctx)
     except NoTarget as gone:
@@ -242,6 +244,39 @@ async def terminate(ctx: ActionContext, api: KubeApi) -> ActionResult:
         target,
         grace_period_seconds=grace,
         owner=f"{kind}/{ref.name}" if ref else None,
+    )
+
+
+_OWNER_CHECKS = ("ignore_daemonsets", "ignore_statefulsets", "ignore_standalone_pods")
+"""The parameters that make terminate read the pod before deleting it."""
+
+
+async def _delete_pod(ctx: ActionContext, api: KubeApi, grace: int) -> ActionResult:
+    """Terminate when nothing needs the pod read first: one DELETE, whose answer (the pod,
+    as JSON) gives the uid and the owner for the result. This is the path from an event to
+    a pod going away in milliseconds: no GET before, no client models built after."""
+    target = ctx.target
+    if not target.pod or not target.namespace:
+        await pod_of(api, ctx)  # raises NoTarget naming what the event lacks
+    try:
+        pod = await api.call_json(
+            f"delete pod {target.namespace}/{target.pod}",
+            api.core.delete_namespaced_pod,
+            target.pod,
+            target.namespace,
+            grace_period_seconds=grace,
+        )
+    except NotFound:
+        return ActionResult.succeeded(
+            f"pod {target.namespace}/{target.pod} no longer exists: nothing to terminate", target
+        )
+    meta = pod.get("metadata") or {}
+    owner = next((r for r in meta.get("ownerReferences") or () if r.get("controller")), None)
+    return ActionResult.succeeded(
+        f"pod deleted ({ctx.name_of('grace_period_seconds')} {grace})",
+        Target(target.pod, target.namespace, meta.get("uid")),
+        grace_period_seconds=grace,
+        owner=f"{owner.get('kind')}/{owner.get('name')}" if owner else None,
     )
 
 

@@ -507,6 +507,34 @@ MARK = "__N__"
 """Replaced by a request counter in each request's body: every event is distinct."""
 
 
+def bench_burst(events: int = 20000, seconds: float = 2.0) -> dict[str, Any]:
+    """Issue #13's accounting rule under overload: ``events`` distinct events offered within
+    ``seconds`` (open loop, bench/burst.py) to a server with the default queue size; each
+    gets 202 or 503, and every 202 one reaches a final state. RSS after it, too."""
+    from burst import run_burst
+
+    port = free_port()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - unread; a pipe would fill and stall the server
+    env = {**os.environ, "LOGFORMAT": "json", "LOGLEVEL": "info", "WATCHRULES": "false"}
+    env["DEFAULTNOTIFIERS"] = ""
+    server = start_server(ROOT / "examples" / "rules.yaml", port, env, log, "--dry-run")
+    try:
+        _wait_port(port)
+        template = _distinct_template()
+        bodies = [template.replace(MARK, str(i)).encode() for i in range(events)]
+        result = run_burst(port, bodies, seconds=seconds)
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        for field, key in (("VmRSS:", "server_rss_kib"), ("VmHWM:", "server_peak_rss_kib")):
+            result[key] = int(
+                next(ln for ln in status.splitlines() if ln.startswith(field)).split()[1]
+            )
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+    return result
+
+
 def _distinct_template() -> str:
     """examples/event.json with a counter in its output and pod name, as a user's load
     generator sends (one body repeated flatters caches and hides per-event work)."""
@@ -611,13 +639,25 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
     if "dry_run" in results:
         out["dry run >= 2000/s"] = results["dry_run"]["events_per_s"] >= 2000
     if "tracing" in results:
-        out["tracing on (no-op sink) costs < 30%"] = results["tracing"]["cost_noop_pct"] < 30
-        out["tracing on (to local Jaeger) costs < 30%"] = results["tracing"]["cost_jaeger_pct"] < 30
+        out["tracing on (no-op sink) costs < 15%"] = results["tracing"]["cost_noop_pct"] < 15
+        out["tracing on (to local Jaeger) costs < 25%"] = results["tracing"]["cost_jaeger_pct"] < 25
     if "ingest" in results:
         ingest = results["ingest"]
-        out["ingest >= 5000/s, p99 < 20 ms"] = (
-            ingest["requests_per_s"] >= 5000 and ingest["p99_ms"] < 20
+        out["ingest >= 8000/s, p99 < 15 ms"] = (
+            ingest["requests_per_s"] >= 8000 and ingest["p99_ms"] < 15
         )
+        out["ingest server RSS < 100 MB"] = ingest["server_peak_rss_kib"] < 100 * 1024
+    if "burst" in results:
+        burst = results["burst"]
+        out["burst: every event answered 202/503, every 202 reached a final state"] = (
+            burst["unanswered"] == 0
+            and burst["other_statuses"] == 0
+            and burst["accepted_without_outcome"] == 0
+        )
+        out["burst: server RSS < 100 MB"] = burst["server_peak_rss_kib"] < 100 * 1024
+    latency = results.get("kubernetes_terminate_latency")
+    if latency and "p99_ms" in latency:
+        out["POST -> pod gone p99 <= 30 ms (local control plane)"] = latency["p99_ms"] <= 30
     if "memory" in results:
         out["no RSS growth (< 1 MiB from 10k to 100k events)"] = (
             results["memory"]["growth_kib_10k_to_100k"] < 1024
@@ -631,6 +671,7 @@ def main() -> None:
         "dry_run",
         "tracing",
         "ingest",
+        "burst",
         "memory",
         "kubernetes",
         "real_node",
@@ -646,6 +687,8 @@ def main() -> None:
         results["tracing"] = bench_tracing()
     if "ingest" in which:
         results["ingest"] = bench_ingest()
+    if "burst" in which:
+        results["burst"] = bench_burst()
     if "kubernetes" in which:
         results["kubernetes_terminate_latency"] = bench_kubernetes()
     if "real_node" in which:

@@ -19,6 +19,7 @@ it to plug-ins.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import orjson
 
 from engine.contract.errors import PermanentError, TemporaryError
 from engine.contract.retry import TRANSIENT_HTTP_STATUSES, Retried, RetryPolicy, retry
@@ -201,6 +204,26 @@ class KubeApi:
                         message, error.status, attempts=failed.attempts
                     ) from error.__cause__
                 raise error from error.__cause__
+
+    async def call_json(
+        self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        """As :meth:`call`, but the answer's JSON as plain data rather than the client's
+        model objects: building those costs milliseconds per pod, on the path from an event
+        to its action (errors are raised the same way)."""
+
+        @functools.wraps(fn)
+        def fetch(*a: Any, **kw: Any) -> dict[str, Any]:
+            response = fn(*a, _preload_content=False, **kw)
+            try:
+                data = response.data
+            finally:
+                response.release_conn()
+            loaded = orjson.loads(data) if data else {}
+            return loaded if isinstance(loaded, dict) else {}
+
+        result: dict[str, Any] = await self.call(what, fetch, *args, **kwargs)
+        return result
 
     async def read_pod(self, namespace: str, name: str) -> Any:
         """The pod, or :class:`NotFound`."""

@@ -33,6 +33,10 @@ async def test_terminate_deletes_the_pod_at_once_by_default(
     assert outcomes(run) == [("kill", "succeeded", "pod deleted (gracePeriodSeconds 0)")]
     assert cluster.get_pod(rs.pods[0]) is None
     assert cluster.get_pod(rs.pods[1]) is not None
+    # One DELETE and no GET before it: its answer still names the pod's uid and owner.
+    result = run.steps[0].result
+    assert result is not None and result.target.uid
+    assert result.output["owner"] == f"ReplicaSet/{rs.name}"
 
 
 async def test_terminate_honours_the_grace_period(
