@@ -13,6 +13,7 @@ Not a test: numbers go in notes and the README, targets are compared, nothing as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -24,11 +25,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import jetstream  # noqa: E402  # (bench/ is on sys.path: this script's folder)
 
 from engine.contract.event import FalcoEvent, decode_event  # noqa: E402
 from engine.matcher import Matcher  # noqa: E402
@@ -239,17 +243,36 @@ def _post_until_gone(core: Any, request: Any, pod: str, ns: str, limit: float) -
         time.sleep(0.002)
 
 
-def bench_kubernetes(events: int = 200) -> dict[str, Any]:
+Servers = Callable[[Path, dict[str, str], Any], contextlib.AbstractContextManager[list[int]]]
+"""Starts falco-talon server(s) on (rules, environment, log) and yields their ports, ready."""
+
+
+@contextlib.contextmanager
+def one_server(rules: Path, env: dict[str, str], log: Any) -> Iterator[list[int]]:
+    """One ``falco-talon server`` with the embedded in-memory queue."""
+    port = free_port()
+    server = start_server(rules, port, env, log)
+    try:
+        _wait_port(port)
+        yield [port]
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def bench_kubernetes(events: int = 200, servers: Servers = one_server) -> dict[str, Any]:
     """POST to the pod's deletion being visible in the API: a real kube-apiserver (the test
-    environment's, in a state directory of its own), falco-talon as a server process
-    terminating pods, one event at a time; p50/p99 over ``events`` events."""
+    environment's, in a state directory of its own: $FALCO_TALON_TESTENV_DIR, else
+    falco-talon-bench-env in the temp dir), falco-talon as server process(es) terminating
+    pods (``servers``; several take the events in turn), one event at a time; p50/p99
+    over ``events`` events."""
     from kubernetes import client, config
 
     from tests.env.testenv import TestEnv
 
-    env = TestEnv(Path(tempfile.gettempdir()) / "falco-talon-bench-env")
+    state_dir = os.environ.get("FALCO_TALON_TESTENV_DIR")
+    env = TestEnv(state_dir or Path(tempfile.gettempdir()) / "falco-talon-bench-env")
     info = env.start()
-    port = free_port()
     rules = Path(tempfile.mkdtemp()) / "rules.yaml"
     rules.write_text("- name: kill\n  action: {name: kubernetes:terminate}\n")
     configuration = client.Configuration()
@@ -265,11 +288,9 @@ def bench_kubernetes(events: int = 200) -> dict[str, Any]:
         "WATCHRULES": "false",
         "DEFAULTNOTIFIERS": "",
     }
-    with tempfile.TemporaryFile() as log:
-        server = start_server(rules, port, env_vars, log)
-        latencies = []
-        try:
-            _wait_port(port)
+    latencies = []
+    try:
+        with tempfile.TemporaryFile() as log, servers(rules, env_vars, log) as ports:
             import urllib.request
 
             for i in range(events):
@@ -295,14 +316,12 @@ def bench_kubernetes(events: int = 200) -> dict[str, Any]:
                 )
                 body = json.dumps(event).encode()
                 request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/", data=body, method="POST"
+                    f"http://127.0.0.1:{ports[i % len(ports)]}/", data=body, method="POST"
                 )
                 latencies.append(_post_until_gone(core, request, pod, ns, limit=10))
-        finally:
-            server.terminate()
-            server.wait(60)
-            api.close()
-            env.stop()
+    finally:
+        api.close()
+        env.stop()
     return {
         "events": events,
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
@@ -562,13 +581,24 @@ def _wait_port(port: int) -> None:
     raise RuntimeError("server did not start")
 
 
-def _wrk(wrk: str, port: int, seconds: int, connections: int, template: str) -> dict[str, Any]:
+def _wrk(
+    wrk: str, port: int | list[int], seconds: int, connections: int, template: str
+) -> dict[str, Any]:
+    """``port``: several spread the connections over those servers, one wrk thread each
+    (each numbering its events apart from the others', so every event stays distinct)."""
+    ports = port if isinstance(port, list) else [port]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-        f.write(f"template = {json.dumps(template)}\ncounter = 0\n")
+        f.write(f"template = {json.dumps(template)}\ncounter = 0\nprefix = ''\n")
+        f.write(
+            f"ports = {{{', '.join(map(str, ports))}}}\nthreads = 0\n"
+            "setup = function(thread)\n  threads = threads + 1\n"
+            '  thread.addr = wrk.lookup("127.0.0.1", tostring(ports[threads]))[1]\n'
+            '  thread:set("prefix", threads .. "-")\nend\n'
+        )
         f.write(
             "request = function()\n  counter = counter + 1\n"
-            f'  local body = string.gsub(template, "{MARK}", tostring(counter))\n'
+            f'  local body = string.gsub(template, "{MARK}", prefix .. counter)\n'
             "  return wrk.format(nil, nil, nil, body)\nend\n"
         )
         f.write(
@@ -583,12 +613,12 @@ def _wrk(wrk: str, port: int, seconds: int, connections: int, template: str) -> 
     proc = subprocess.run(
         [
             wrk,
-            "-t1",
+            f"-t{len(ports)}",
             f"-c{connections}",
             f"-d{seconds}s",
             "-s",
             script,
-            f"http://127.0.0.1:{port}/",
+            f"http://127.0.0.1:{ports[0]}/",
         ],
         capture_output=True,
         text=True,
@@ -662,6 +692,7 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
         out["no RSS growth (< 1 MiB from 10k to 100k events)"] = (
             results["memory"]["growth_kib_10k_to_100k"] < 1024
         )
+    out.update(jetstream.targets(results))
     return out
 
 
@@ -672,8 +703,10 @@ def main() -> None:
         "tracing",
         "ingest",
         "burst",
+        "ingest_jetstream",
         "memory",
         "kubernetes",
+        "kubernetes_jetstream",
         "real_node",
     ]
     results: dict[str, Any] = {
@@ -689,8 +722,12 @@ def main() -> None:
         results["ingest"] = bench_ingest()
     if "burst" in which:
         results["burst"] = bench_burst()
+    if "ingest_jetstream" in which:
+        results["ingest_jetstream"] = jetstream.bench_ingest()
     if "kubernetes" in which:
         results["kubernetes_terminate_latency"] = bench_kubernetes()
+    if "kubernetes_jetstream" in which:
+        results["kubernetes_jetstream_terminate_latency"] = jetstream.bench_kubernetes()
     if "real_node" in which:
         if os.geteuid() == 0:
             results["real_node_terminate_latency"] = bench_real_node()

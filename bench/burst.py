@@ -59,7 +59,9 @@ async def _connection(
         writer.close()
 
 
-async def _burst(port: int, bodies: list[bytes], connections: int, seconds: float) -> dict[int, int]:
+async def _burst(
+    port: int, bodies: list[bytes], connections: int, seconds: float
+) -> dict[int, int]:
     statuses: dict[int, int] = {}
     requests = [_request(b) for b in bodies]
     shares = [requests[i::connections] for i in range(connections)]

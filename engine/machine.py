@@ -81,6 +81,9 @@ class Step:
     """Seconds the actionner took."""
     action: ChainAction | None = None
     """The v0.3 chain action this step runs (None: the seed rule's one action)."""
+    temporary: bool = False
+    """It failed with a temporary error (``TemporaryError``) once its retries ran out: the
+    same action may succeed later, so a queue that can redeliver the event does so."""
 
     @property
     def ran(self) -> bool:
@@ -238,6 +241,11 @@ class EventRun:
     @property
     def finished(self) -> bool:
         return self.state in _TERMINAL_VALUES
+
+    @property
+    def failed_temporarily(self) -> list[Step]:
+        """The steps that failed with a temporary error (see :attr:`Step.temporary`)."""
+        return [s for s in self.steps if s.temporary]
 
     def summary(self) -> dict[str, Any]:
         """The run record as JSON-able data (``explain -o json`` and logs)."""

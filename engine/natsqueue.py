@@ -13,9 +13,13 @@ the same event sent again, to any replica.
 Every replica pulls from one durable consumer, ``workers`` runs at a time. A message is
 acked when its run reaches a final state; while a run goes on the replica tells NATS it is
 in progress, so only a replica that died (or hung) has its events redelivered, after
-``ackWait``. A message delivered more than ``maxDeliver`` times is not run again: it is
-published to ``<subject>.dead`` (stream ``<stream>_DEAD``, kept), terminated, logged with
-its event id and counted in ``falco_talon_events_dead_lettered_total``.
+``ackWait``. A run in which an action failed with a temporary error (its retries spent) is
+not acked but handed back (nak) to be redelivered after a backoff (:data:`REDELIVERY`).
+An event is given up after ``maxDeliver`` deliveries: when the last one fails temporarily
+too, or when a delivery beyond ``maxDeliver`` comes (the earlier ones never finished). It
+is then published to ``<subject>.dead`` (stream ``<stream>_DEAD``, kept), terminated,
+logged with its event id, counted in ``falco_talon_events_dead_lettered_total`` and
+reported to the notifiers with outcome ``given-up`` (``Pipeline.give_up``).
 
 Throttle counts are shared through the key-value bucket ``<stream>_THROTTLE``
 (:class:`KvCounters`).
@@ -53,9 +57,10 @@ from nats.js.kv import KeyValue
 from engine.contract.errors import ConfigError
 from engine.contract.event import EventError, FalcoEvent, decode_event
 from engine.contract.retry import RetryPolicy, retry
+from engine.machine import EventRun
 from engine.pipeline import Pipeline
 from engine.storm import identity
-from observability.eventlog import event_logger
+from observability.eventlog import EventLogger, event_logger
 from observability.metrics import Metrics
 from observability.tracing import NO_TRACE, SpanRecord, Trace, Tracing
 
@@ -70,6 +75,9 @@ CONNECT_RETRY = RetryPolicy(attempts=1 << 30, backoff=0.2, max_backoff=5.0, jitt
 """Connecting at start-up: forever (the HTTP side answers 503 meanwhile)."""
 KV_RETRY = RetryPolicy(attempts=20, backoff=0.005, max_backoff=0.1, jitter=True)
 """A throttle counter's compare-and-set, lost to another replica's: try again at once."""
+REDELIVERY = RetryPolicy(backoff=1.0, max_backoff=60.0, jitter=True)
+"""The wait before an event whose action failed temporarily is delivered again: 1 s after
+the first delivery, doubling up to a minute (±50%)."""
 
 
 class HandOff(StrEnum):
@@ -397,8 +405,8 @@ class NatsQueue:
         headers = msg.headers or {}
         trace = self.tracing.begin(headers.get("traceparent")) if self.tracing is not None else None
         elog = event_logger(log, event.id, trace.trace_id_hex if trace is not None else "")
-        if delivered > self.config.max_deliver:
-            await self._dead_letter(msg, event, delivered)
+        if delivered > self.config.max_deliver:  # the earlier deliveries never finished
+            await self._dead_letter(msg, event, delivered - 1, trace)
             return
         if delivered > 1:
             elog.warning(
@@ -407,7 +415,7 @@ class NatsQueue:
         self.in_flight += 1
         beat = asyncio.create_task(self._keep_alive(msg))
         try:
-            run = await pipeline.process(event, trace)
+            run = await pipeline.process(event, trace, redelivery=True)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -415,6 +423,12 @@ class NatsQueue:
         finally:
             beat.cancel()
             self.in_flight -= 1
+        if run.failed_temporarily:
+            if delivered >= self.config.max_deliver:
+                await self._dead_letter(msg, event, delivered, trace, run)
+            else:
+                await self._redeliver(msg, run, delivered, elog)
+            return
         elog.info(
             "event run finished: %s",
             run.state,
@@ -435,10 +449,33 @@ class NatsQueue:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _dead_letter(self, msg: Msg, event: FalcoEvent, delivered: int) -> None:
-        js = self.js
-        assert js is not None
-        headers = {"Falco-Talon-Event-Id": event.id, "Falco-Talon-Deliveries": str(delivered - 1)}
+    async def _redeliver(self, msg: Msg, run: EventRun, delivered: int, elog: EventLogger) -> None:
+        """Hand a run that failed temporarily back to NATS, to be delivered again later."""
+        delay = REDELIVERY.delay(delivered)
+        await msg.nak(delay=delay)
+        failed = run.failed_temporarily
+        elog.warning(
+            "event failed temporarily (%s): delivered again in %.1fs (delivery %d of %d)",
+            "; ".join(f"{s.rule.name}: {s.actionner}: {s.reason}" for s in failed),
+            delay,
+            delivered,
+            self.config.max_deliver,
+            fields={"delivery": delivered, "rule": failed[0].rule.name},
+        )
+
+    async def _dead_letter(
+        self,
+        msg: Msg,
+        event: FalcoEvent,
+        deliveries: int,
+        trace: Trace | None,
+        run: EventRun | None = None,
+    ) -> None:
+        """Give the event up: to the dead letters, then the log, the metric and the
+        notifiers (``run``: the last delivery's, when it failed temporarily)."""
+        js, pipeline = self.js, self._pipeline
+        assert js is not None and pipeline is not None
+        headers = {"Falco-Talon-Event-Id": event.id, "Falco-Talon-Deliveries": str(deliveries)}
         try:
             await js.publish(
                 self.config.dead_subject, msg.data, timeout=PUBLISH_TIMEOUT, headers=headers
@@ -450,12 +487,14 @@ class NatsQueue:
         await msg.term()
         if self.metrics is not None:
             self.metrics.dead_lettered()
-        event_logger(log, event.id, "").error(
-            "event given up after %d deliveries: moved to %s",
-            delivered - 1,
-            self.config.dead_subject,
-            fields={"deliveries": delivered - 1, "dead_letter_subject": self.config.dead_subject},
+        subject = self.config.dead_subject
+        why = f"given up after {deliveries} deliveries: moved to {subject}"
+        fields: dict[str, Any] = {"deliveries": deliveries, "dead_letter_subject": subject}
+        last = "; ".join(s.reason for s in run.failed_temporarily) if run is not None else ""
+        event_logger(log, event.id, trace.trace_id_hex if trace is not None else "").error(
+            "event %s%s", why, f" (last error: {last})" if last else "", fields=fields
         )
+        pipeline.give_up(event, why, trace or NO_TRACE, run, **fields)
 
     async def stop(self) -> None:
         """Stop fetching; let the runs in flight finish (bounded) and ack them; the rest are

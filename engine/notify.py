@@ -99,16 +99,25 @@ class Dispatcher:
                 trace_id=run.trace_id,
                 trace_url=trace_url,
             )
-            queue = self._queue(d.notifier)
-            try:
-                queue.put_nowait((note, trace, parent))
-            except asyncio.QueueFull:
-                self._count(d.notifier, "refused")
-                event_logger(log, run.event.id, run.trace_id).error(
-                    "notification refused: %s queue is full",
-                    d.notifier,
-                    fields={"notifier": d.notifier, "rule": note.rule},
-                )
+            self.send(d.notifier, note, trace, parent)
+
+    def send(
+        self,
+        name: str,
+        note: Notification,
+        trace: Trace = NO_TRACE,
+        parent: SpanRecord | None = None,
+    ) -> None:
+        """Queue one notification for notifier ``name``; never waits."""
+        try:
+            self._queue(name).put_nowait((note, trace, parent))
+        except asyncio.QueueFull:
+            self._count(name, "refused")
+            event_logger(log, note.event.id, note.trace_id).error(
+                "notification refused: %s queue is full",
+                name,
+                fields={"notifier": name, "rule": note.rule},
+            )
 
     def link(self, trace_id: str, trace: Trace) -> str:
         """The ``traceUrl`` of ``trace_id``, or "" when there is no template or the trace is

@@ -7,6 +7,11 @@ The ordering decisions are the machine's (``engine.machine``); this module only 
 the current state planned, in order, each step bounded by a timeout, and hands the results
 to the notification dispatcher. An internal error ends the run in the ``failed`` state,
 is logged with the event id, and never escapes to the worker.
+
+A queue that can redeliver an event (``engine.natsqueue``) runs it with ``redelivery``: a
+run in which an action failed with a temporary error is then handed back unnotified, to be
+run again later, and once the queue gives the event up, :meth:`Pipeline.give_up` tells the
+notifiers (outcome ``given-up``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any
 
 from engine import machine
 from engine.contract.actionners import ActionContext, ActionnerRegistry
-from engine.contract.errors import TalonError, worth_retrying
+from engine.contract.errors import TalonError, TemporaryError, worth_retrying
 from engine.contract.event import FalcoEvent
+from engine.contract.notifiers import Notification
 from engine.contract.results import ActionResult, Outcome
 from engine.contract.retry import Retried, retry
 from engine.machine import EventRun, Step
@@ -33,7 +39,7 @@ from engine.rules import Rule, RuleSet
 from engine.storm import Throttler
 from observability.eventlog import EventLogger, event_logger
 from observability.metrics import Metrics
-from observability.tracing import NO_SPAN, SpanRecord, Trace, Tracing, activate
+from observability.tracing import NO_SPAN, NO_TRACE, SpanRecord, Trace, Tracing, activate
 
 log = logging.getLogger("falco_talon.pipeline")
 
@@ -202,10 +208,20 @@ class Pipeline:
         self.compiled = CompiledRules.of(rules)
 
     async def process(
-        self, event: FalcoEvent, trace: Trace | None = None, parent: SpanRecord | None = None
+        self,
+        event: FalcoEvent,
+        trace: Trace | None = None,
+        parent: SpanRecord | None = None,
+        *,
+        redelivery: bool = False,
     ) -> EventRun:
         """Run ``event`` to a final state. ``trace``/``parent``: the trace and span (the HTTP
-        request's) the state spans go under; a fresh trace when not given."""
+        request's) the state spans go under; a fresh trace when not given.
+
+        ``redelivery``: the caller can run the event again later (the NATS queue). A run in
+        which a step failed with a temporary error (``run.failed_temporarily``) is then
+        neither notified nor counted as processed: the caller redelivers the event, or gives
+        it up (:meth:`give_up`)."""
         if trace is None:
             trace = (
                 self.tracing.begin()
@@ -241,10 +257,62 @@ class Pipeline:
             elog.exception("event run failed in state %s", run.history[-2][0].value)
         finally:
             spans.end()
-        if self.metrics is not None:
+        handed_back = redelivery and bool(run.failed_temporarily)
+        if self.metrics is not None and not handed_back:
             self.metrics.processed(run.state, time.perf_counter() - started)
-        if self.dispatcher is not None and run.deliveries:
+        if self.dispatcher is not None and run.deliveries and not handed_back:
             self.dispatcher.submit(run, trace, spans.current)
+        if self.tracing is not None:
+            self.tracing.submit(trace)
+        return run
+
+    def give_up(
+        self,
+        event: FalcoEvent,
+        why: str,
+        trace: Trace = NO_TRACE,
+        run: EventRun | None = None,
+        **output: Any,
+    ) -> EventRun:
+        """Tell the notifiers that ``event`` is given up for good (the NATS queue moved it
+        to the dead letters). Each step of ``run`` that failed temporarily, or, without a run
+        (none of its deliveries finished), each step the current rules plan for the event, is
+        reported with outcome ``given-up``, reason ``why`` (plus the step's last error) and
+        ``output``, like any result: to its rule's notifiers plus the default notifiers, with
+        the run's other results. An event no rule matches is reported to the default
+        notifiers (rule and action empty)."""
+        if run is None:
+            run = machine.start(EventRun(event, self.compiled.matcher, self.default_notifiers))
+            run.trace_id = trace.trace_id_hex
+            try:
+                while not run.finished:
+                    machine.advance(run)
+                    for step in run.pending:
+                        _give_up_step(step, why, output, event)
+            except Exception as exc:  # whatever kept the event from finishing may be here too
+                machine.fail(run, f"{type(exc).__name__}: {exc}")
+        else:
+            for step in run.failed_temporarily:
+                _give_up_step(step, why, output, event)
+        span = trace.start("given-up", None, talon__event_id=event.id, talon__reason=why)
+        span.fail(why)
+        span.end()
+        dispatcher = self.dispatcher
+        if dispatcher is not None:
+            if any(s.outcome is Outcome.GIVEN_UP for s in run.steps):
+                dispatcher.submit(run, trace, span)
+            else:
+                note = Notification(
+                    event=event,
+                    rule="",
+                    action="",
+                    stage=run.state,
+                    result=ActionResult(Outcome.GIVEN_UP, why, dict(output), event.target),
+                    trace_id=run.trace_id,
+                    trace_url=dispatcher.link(run.trace_id, trace),
+                )
+                for name in self.default_notifiers:
+                    dispatcher.send(name, note, trace, span)
         if self.tracing is not None:
             self.tracing.submit(trace)
         return run
@@ -405,6 +473,7 @@ class Pipeline:
             return ActionResult.failed(f"timed out after {timeout:g}s", target)
         except Retried as failed:
             exc = failed.error
+            step.temporary = isinstance(exc, TemporaryError)
             if isinstance(exc, TalonError):
                 reason = str(exc) or type(exc).__name__
                 if failed.temporary and failed.attempts > 1:
@@ -413,3 +482,17 @@ class Pipeline:
             span.fail(f"{type(exc).__name__}: {exc}", exc)
             slog.error("actionner %s raised", actionner, exc_info=exc)
             return ActionResult.failed(f"{type(exc).__name__}: {exc}", target)
+
+
+def _give_up_step(step: Step, why: str, output: dict[str, Any], event: FalcoEvent) -> None:
+    """Make ``step``'s result ``given-up``, keeping its last error and output, if any."""
+    last = step.result
+    reason = f"{why} (last error: {step.reason})" if last is not None and step.reason else why
+    step.result = ActionResult(
+        Outcome.GIVEN_UP,
+        reason,
+        {**(last.output if last is not None else {}), **output},
+        last.target if last is not None else event.target,
+    )
+    step.outcome = Outcome.GIVEN_UP
+    step.reason = reason

@@ -21,23 +21,29 @@ from engine.contract import kubeapi
 from engine.contract.errors import PermanentError
 from engine.contract.kubeapi import NotFound, RbacRule
 from engine.contract.notifiers import Notification, notifier
-from engine.contract.results import Outcome
 
 COMPONENT = "falco-talon"
 MESSAGE_LIMIT = 1024
 
 
+def _camel(text: str) -> str:
+    words = [w for w in text.replace("_", "-").split("-") if w]
+    return "".join(w[:1].upper() + w[1:] for w in words)
+
+
 def reason(note: Notification) -> str:
-    """``kubernetes:terminate`` + succeeded -> ``TerminateSucceeded`` (CamelCase, <= 128)."""
-    action = note.action.split(":", 1)[-1]
-    words = [w for part in action.replace("_", "-").split("-") for w in [part] if w]
-    return ("".join(w[:1].upper() + w[1:] for w in words) + note.result.outcome.value.title())[:128]
+    """``kubernetes:terminate`` + succeeded -> ``TerminateSucceeded``, + given-up ->
+    ``TerminateGivenUp``; no action (an event given up that no rule matches) ->
+    ``EventGivenUp`` (CamelCase, <= 128)."""
+    action = note.action.split(":", 1)[-1] or "event"
+    return (_camel(action) + _camel(note.result.outcome.value))[:128]
 
 
 def message(note: Notification) -> str:
     """What ``kubectl describe`` shows; the trace link, when there is one, is never cut."""
     result = note.result
-    text = f"falco-talon rule {note.rule!r}: {note.action} {result.outcome.value}"
+    what = f"falco-talon rule {note.rule!r}: {note.action}" if note.rule else "falco-talon: event"
+    text = f"{what} {result.outcome.value}"
     if result.reason:
         text += f": {result.reason}"
     text += f" (Falco rule {note.event.rule!r}, priority {note.event.priority})"
@@ -90,7 +96,7 @@ async def send(note: Notification, settings: Mapping[str, Any]) -> None:
         "involvedObject": involved,
         "reason": reason(note),
         "message": message(note),
-        "type": "Warning" if note.result.outcome is Outcome.FAILED else "Normal",
+        "type": "Warning" if note.result.outcome.is_failure else "Normal",
         "source": {"component": COMPONENT, "host": socket.gethostname()},
         "reportingComponent": COMPONENT,
         "reportingInstance": socket.gethostname()[:128],

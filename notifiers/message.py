@@ -22,8 +22,9 @@ COLOURS = {
     Outcome.FAILED: "#d50200",
     Outcome.SKIPPED: "#9e9e9e",
     Outcome.PLANNED: "#e0a100",
+    Outcome.GIVEN_UP: "#7a0000",
 }
-"""The colour of each outcome: green, red, grey, yellow."""
+"""The colour of each outcome: green, red, grey, yellow, dark red."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,10 @@ class Field:
 
 
 def headline(note: Notification) -> str:
-    """``succeeded: kubernetes:terminate (Rule Terminate)``."""
+    """``succeeded: kubernetes:terminate (Rule Terminate)``; for an event given up that no
+    rule matches, ``given-up: event (Terminal shell in container)`` (the Falco rule)."""
+    if not note.rule:
+        return f"{note.result.outcome.value}: event ({note.event.rule})"
     return f"{note.result.outcome.value}: {note.action} ({note.rule})"
 
 
@@ -61,7 +65,7 @@ def fields(note: Notification) -> list[Field]:
     """Every fact worth showing, in display order; empty ones are left out."""
     result, event = note.result, note.event
     target = result.target
-    reason_label = "Error" if result.outcome is Outcome.FAILED else "Reason"
+    reason_label = "Error" if result.outcome.is_failure else "Reason"
     candidates = [
         Field("Rule", note.rule),
         Field("Action", note.action),

@@ -29,7 +29,6 @@ from multidict import CIMultiDict
 
 from engine.contract.errors import PermanentError, TemporaryError
 from engine.contract.notifiers import Notification, notifier
-from engine.contract.results import Outcome
 from engine.contract.retry import TRANSIENT_HTTP_STATUSES
 
 REDACTED = "********"
@@ -193,7 +192,7 @@ def body(note: Notification) -> dict[str, Any]:
     """The JSON document: the seed's fields (pod, namespace, action, status) and the rest;
     ``trace_url`` only when ``traceUrl`` is set."""
     result, event = note.result, note.event
-    failed = result.outcome is Outcome.FAILED
+    failed = result.outcome.is_failure
     doc = {
         "pod": result.target.pod or "",
         "namespace": result.target.namespace or "",

@@ -340,8 +340,10 @@ class NatsSettings:
         "maxDeliver",
         5,
         {"type": "integer", "minimum": 1},
-        "Deliveries of one event before it is given up: moved to <subject>.dead, logged "
-        "with its id and counted in falco_talon_events_dead_lettered_total.",
+        "Deliveries of one event before it is given up (its action failing temporarily "
+        "each time, or its replica dying or hanging): moved to <subject>.dead, logged with "
+        "its id, counted in falco_talon_events_dead_lettered_total and notified (outcome "
+        "given-up).",
     )
 
 

@@ -23,6 +23,16 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
     """The action did not run: superseded by a ``continue: false`` rule, or the actionner
     decided it had nothing to do (a DaemonSet pod with ``ignoreDaemonsets``)."""
+    GIVEN_UP = "given-up"
+    """With NATS: the event was delivered ``nats.maxDeliver`` times without the action
+    succeeding (it failed temporarily each time, or its replica died or hung) and was moved
+    to the dead letters; it is not tried again. The reason says after how many deliveries,
+    where it went and the last error."""
+
+    @property
+    def is_failure(self) -> bool:
+        """The action did not happen and should have: failed, or given up."""
+        return self is Outcome.FAILED or self is Outcome.GIVEN_UP
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from engine.contract.event import event_from_dict
 from engine.contract.kubeapi import KubeApi
+from engine.contract.notifiers import Notification
+from engine.contract.results import ActionResult, Outcome
+from notifiers import k8sevents
 from observability.tracing import Tracing
 from tests.kubernetes.conftest import Cluster
 from tests.kubernetes.harness import event_for, outcomes, start_talon
@@ -335,6 +339,31 @@ async def test_k8sevents_records_each_result_on_the_pod_in_its_namespace(
         "falco-talon rule 'Rule Terminate': kubernetes:terminate succeeded: pod deleted"
     )
     assert cluster.core.list_namespaced_event("default").items == []
+
+
+async def test_k8sevents_records_an_event_given_up_as_a_warning_on_the_pod(
+    kube: KubeApi, cluster: Cluster
+) -> None:
+    rs = cluster.replicaset("doomed", replicas=1)
+    event = event_from_dict(event_for(rs.pods[0], cluster.ns, uuid="ev-dead"))
+    why = "given up after 3 deliveries: moved to falco-talon.events.dead"
+    result = ActionResult(Outcome.GIVEN_UP, why, {"deliveries": 3}, event.target)
+    # a rule's action given up, then an event given up that no rule matched
+    for rule, action in (("Rule Terminate", "kubernetes:terminate"), ("", "")):
+        await k8sevents.send(Notification(event, rule, action, "actions", result), {})
+    events = sorted(
+        cluster.core.list_namespaced_event(cluster.ns).items,
+        key=lambda e: int(e.metadata.resource_version),  # creation order
+    )
+    assert [(e.reason, e.type, e.involved_object.name) for e in events] == [
+        ("TerminateGivenUp", "Warning", rs.pods[0]),
+        ("EventGivenUp", "Warning", rs.pods[0]),
+    ]
+    assert events[0].message.startswith(
+        f"falco-talon rule 'Rule Terminate': kubernetes:terminate given-up: {why} (Falco rule"
+    )
+    assert events[1].message.startswith(f"falco-talon: event given-up: {why} (Falco rule")
+    assert all(e.metadata.annotations["falco-talon/event-id"] == "ev-dead" for e in events)
 
 
 async def test_k8sevents_links_each_result_to_its_trace_when_trace_url_is_set(

@@ -5,17 +5,21 @@ JetStream file store under the test's tmp dir, stopped and killed by pid), and f
 replicas, each the real CLI (``falco-talon server``) in its own process with the real
 nats-py client and real HTTP. The only test-only parts are two actionners registered by
 ``tests/nats/replica.py`` (``test:mark`` writes the event id to a file shared by the
-replicas, ``test:die`` SIGKILLs its replica) and a kubeconfig naming an API server that
-is never contacted (no rule here touches Kubernetes).
+replicas, ``test:die`` SIGKILLs its replica, ``test:unavailable`` always fails
+temporarily) and a kubeconfig naming an API server that is never contacted (no rule here
+touches Kubernetes). Webhook notifications go to a real local HTTP receiver (the one of
+tests/notifiers, served from a thread of its own: the replicas are other processes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.env.natsserver import TestNats, free_port, nats_bin_dir
+from tests.notifiers.conftest import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECONFIG = """apiVersion: v1
@@ -180,3 +186,30 @@ def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
     yield made
     for r in made:
         r.kill()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Receiver]:
+    """A real HTTP receiver for the ``webhook`` notifier of replica processes: it records
+    every request and answers 200, served by its own event loop in a thread."""
+    rec = Receiver()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="webhook-receiver", daemon=True)
+    thread.start()
+
+    async def serve() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", rec.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        rec.base = f"http://127.0.0.1:{port}"
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    yield rec
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()

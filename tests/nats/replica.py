@@ -4,7 +4,9 @@ process, with two test-only actionners registered first (the real registry, no m
 * ``test:mark`` appends ``<event id>`` to the file named by ``TALON_TEST_MARKS`` (one
   ``O_APPEND`` write a line, so replicas can share the file), after sleeping ``seconds``;
 * ``test:die`` kills its own process with SIGKILL: a run that can never reach a final
-  state (a poison event that crashes the replica, as an OOM kill or a segfault would).
+  state (a poison event that crashes the replica, as an OOM kill or a segfault would);
+* ``test:unavailable`` fails with a ``TemporaryError`` every time (twice a delivery: its
+  own retry), as an action against an API server that stays down would.
 
     python -m tests.nats.replica server -c config.yaml -r rules.yaml
 """
@@ -17,7 +19,9 @@ import signal
 
 from engine.cli import main
 from engine.contract.actionners import ACTIONNERS, ActionContext, actionner
+from engine.contract.errors import TemporaryError
 from engine.contract.results import ActionResult
+from engine.contract.retry import RetryPolicy
 from engine.plugins import load_plugins
 
 
@@ -47,6 +51,15 @@ def register() -> None:
     async def _die(ctx: ActionContext) -> ActionResult:
         os.kill(os.getpid(), signal.SIGKILL)
         return ActionResult.failed("unreachable", target=ctx.target)
+
+    @actionner(
+        "test:unavailable",
+        description="fails with a TemporaryError every time",
+        retry=RetryPolicy(attempts=2, backoff=0.01),
+        registry=ACTIONNERS,
+    )
+    async def _unavailable(ctx: ActionContext) -> ActionResult:
+        raise TemporaryError("the API server is unavailable (503)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The durable shared queue: publish before 2xx, deduplication, shared work, redelivery,
-dead letters and throttles shared across replicas. See conftest.py for what is real."""
+dead letters (and their notification) and throttles shared across replicas. See
+conftest.py for what is real."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import trustme
 from tests.conftest import FALCO_EVENT
 from tests.env.natsserver import TestNats
 from tests.nats.conftest import Replica, marks, post, wait_until
+from tests.notifiers.conftest import Receiver
 
 MARK = "- name: mark\n  action: {name: test:mark, parameters: {seconds: %s}}\n"
 
@@ -120,15 +122,25 @@ def test_a_replica_killed_with_events_in_flight_loses_none(
     assert set(marks(a.marks)) == ids
 
 
+def notifying(config: dict[str, Any], webhook: Receiver) -> dict[str, Any]:
+    return {**config, "notifiers": {"webhook": {"url": webhook.url("/talon")}}}
+
+
+def given_up(webhook: Receiver) -> list[dict[str, Any]]:
+    return [b for b in webhook.bodies if b["outcome"] == "given-up"]
+
+
 def test_an_event_that_kills_its_replica_every_time_is_dead_lettered_after_max_deliver(
-    tmp_path: Path, nats_server: TestNats, replicas: list[Replica]
+    tmp_path: Path, nats_server: TestNats, replicas: list[Replica], webhook: Receiver
 ) -> None:
     rules = (
         "- name: poison\n  match: {rules: [Poison]}\n  action: {name: test:die}\n"
-        + "- name: mark\n  match: {rules: [Terminal shell in container]}\n"
+        "  notifiers: [webhook]\n"
+        "- name: mark\n  match: {rules: [Terminal shell in container]}\n"
         "  action: {name: test:mark}\n"
     )
-    r = Replica(tmp_path, "a", nats_config(nats_server, maxDeliver=2, ackWait=1), rules)
+    config = notifying(nats_config(nats_server, maxDeliver=2, ackWait=1), webhook)
+    r = Replica(tmp_path, "a", config, rules)
     replicas.append(r.start())
     poison = event(rule="Poison")
     assert post(r.url, poison)[0] == 202
@@ -139,15 +151,65 @@ def test_an_event_that_kills_its_replica_every_time_is_dead_lettered_after_max_d
             r.start()
         time.sleep(0.1)
     assert r.runs == 3  # killed by deliveries 1 and 2; the 3rd dead-lettered it
-    given_up = next(x for x in r.records() if x.get("message", "").startswith("event given up"))
-    assert given_up["event_id"] == poison["uuid"]
-    assert given_up["level"] == "error"
+    log = next(x for x in r.records() if x.get("message", "").startswith("event given up"))
+    assert log["event_id"] == poison["uuid"]
+    assert log["level"] == "error"
     assert r.metric("falco_talon_events_dead_lettered_total") == 1
+    # the rule's notifier hears of it: no run ever finished, so no last error
+    wait_until(lambda: given_up(webhook), 20, "the given-up notification")
+    [note] = webhook.bodies
+    assert (note["rule"], note["action"], note["event_id"]) == (
+        "poison",
+        "test:die",
+        poison["uuid"],
+    )
+    assert note["error"] == "given up after 2 deliveries: moved to falco-talon.events.dead"
+    assert note["output"] == {"deliveries": 2, "dead_letter_subject": "falco-talon.events.dead"}
     # the replica goes on with other events
     other = event()
     assert post(r.url, other)[0] == 202
     wait_until(lambda: r.finished()[other["uuid"]] == 1, 20, "the next event to finish")
     assert asyncio.run(_dead_letters(nats_server.url)) == [poison["uuid"]]
+
+
+def test_an_action_failing_temporarily_is_redelivered_then_given_up_and_notified_once(
+    tmp_path: Path, nats_server: TestNats, replicas: list[Replica], webhook: Receiver
+) -> None:
+    rules = (
+        "- name: terminate while the API is down\n  action: {name: test:unavailable}\n"
+        "  notifiers: [webhook]\n"
+    )
+    config = notifying(nats_config(nats_server, maxDeliver=3), webhook)
+    a = Replica(tmp_path, "a", config, rules)
+    b = Replica(tmp_path, "b", config, rules)
+    replicas += [a.start(), b.start()]
+    doomed = event()
+    assert post(a.url, doomed)[0] == 202
+    wait_until(lambda: given_up(webhook), 30, "the given-up notification")
+    time.sleep(2.0)  # anything more would come now: a 4th delivery is ~4 s after the 3rd
+    [note] = webhook.bodies  # no notification for the deliveries that were retried
+    assert note["event_id"] == doomed["uuid"]
+    assert (note["status"], note["outcome"]) == ("given-up", "given-up")
+    assert (note["rule"], note["action"]) == ("terminate while the API is down", "test:unavailable")
+    assert note["error"] == (
+        "given up after 3 deliveries: moved to falco-talon.events.dead (last error: the API "
+        "server is unavailable (503) (after 2 attempts))"
+    )
+    assert note["output"] == {"deliveries": 3, "dead_letter_subject": "falco-talon.events.dead"}
+    assert note["event_output"] == doomed["output"]
+    records = a.records() + b.records()
+    retried = [x for x in records if str(x.get("message")).startswith("event failed temporarily")]
+    assert [x["delivery"] for x in sorted(retried, key=lambda x: x["delivery"])] == [1, 2]
+    [log] = [x for x in records if str(x.get("message")).startswith("event given up")]
+    assert log["level"] == "error" and log["event_id"] == doomed["uuid"]
+    assert log["message"] == (
+        "event given up after 3 deliveries: moved to falco-talon.events.dead (last error: the "
+        "API server is unavailable (503) (after 2 attempts))"
+    )
+    dead = a.metric("falco_talon_events_dead_lettered_total")
+    assert dead + b.metric("falco_talon_events_dead_lettered_total") == 1
+    assert not a.finished() and not b.finished()  # never acked as finished
+    assert asyncio.run(_dead_letters(nats_server.url)) == [doomed["uuid"]]
 
 
 async def _dead_letters(url: str) -> list[str]:

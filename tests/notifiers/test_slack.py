@@ -73,6 +73,7 @@ async def test_the_long_format_posts_the_headline_and_the_fields_in_a_coloured_a
         (Outcome.FAILED, "#d50200", "Error"),
         (Outcome.SKIPPED, "#9e9e9e", "Reason"),
         (Outcome.PLANNED, "#e0a100", "Reason"),
+        (Outcome.GIVEN_UP, "#7a0000", "Error"),
     ],
 )
 async def test_each_outcome_has_its_colour_and_a_failure_shows_its_reason_as_the_error(
@@ -184,3 +185,21 @@ def test_settings_come_from_the_environment_with_defaults_and_the_url_kept_secre
         load_settings(str(config), NOTIFIERS, env={})
     with pytest.raises(ConfigError, match="'medium' is not one of"):
         load_settings(str(config), NOTIFIERS, env={"NOTIFIERS_SLACK_FORMAT": "medium"})
+
+
+async def test_an_event_given_up_that_no_rule_matched_is_headed_by_its_falco_rule(
+    receiver: Receiver, make_note: MakeNote
+) -> None:
+    why = "given up after 3 deliveries: moved to falco-talon.events.dead"
+    note = make_note(Outcome.GIVEN_UP, why, {"deliveries": 3}, rule="", action="")
+    await slack.send(note, settings(receiver, format="short"))
+    await slack.send(note, settings(receiver))
+    short, long = receiver.bodies
+    assert short["text"] == long["text"] == "given-up: event (Terminal shell in container)"
+    assert (
+        texts(short)[0]
+        == f"Terminal shell in container (Warning) · pod demo/web-7d4b9c7f5d-x2x8k · {why}"
+    )
+    shown = texts(long)
+    assert "*Outcome*\ngiven-up" in shown and f"*Error*\n{why}" in shown
+    assert not any(t.startswith(("*Rule*", "*Action*")) for t in shown)

@@ -264,3 +264,21 @@ async def test_a_closed_port_is_a_temporary_error(
     )
     with pytest.raises(TemporaryError, match=f"^{re.escape(f'127.0.0.1:{closed_port}')}: "):
         await smtp.send(make_note(), config)
+
+
+async def test_an_event_given_up_is_said_in_the_subject_and_its_reason_shown_as_the_error(
+    start_smtp: StartSmtp, certs: Certs, make_note: MakeNote
+) -> None:
+    server = start_smtp("starttls", auth=True)
+    why = "given up after 3 deliveries: moved to falco-talon.events.dead (last error: 503)"
+    await smtp.send(make_note(Outcome.GIVEN_UP, why, {"deliveries": 3}), settings(server, certs))
+    message = only(server)
+    assert message["Subject"] == "[falco-talon] given-up: kubernetes:terminate (Rule Terminate)"
+    plain, rich = message.iter_parts()
+    assert isinstance(plain, EmailMessage) and isinstance(rich, EmailMessage)
+    assert f"Error:        {why}\n" in plain.get_content()
+    page = parse_html(rich.get_content())
+    assert ["Outcome", "given-up"] in page.rows
+    assert ["Error", why] in page.rows
+    assert ["Output", "deliveries: 3"] in page.rows
+    assert "border-left:6px solid #7a0000" in rich.get_content()

@@ -175,3 +175,22 @@ async def test_an_error_body_echoing_a_secret_is_scrubbed(
         f"{receiver.base} answered 401 Unauthorized: bad token ******** or key ******** "
         "for ********"
     )
+
+
+async def test_an_event_given_up_reports_why_as_error_with_its_deliveries_in_the_output(
+    receiver: Receiver, make_note: MakeNote
+) -> None:
+    why = "given up after 3 deliveries: moved to falco-talon.events.dead (last error: 503)"
+    output = {"deliveries": 3, "dead_letter_subject": "falco-talon.events.dead"}
+    await webhook.send(
+        make_note(Outcome.GIVEN_UP, why, output), configured("webhook", {"url": receiver.url("/")})
+    )
+    body = receiver.bodies[0]
+    assert (body["status"], body["outcome"], body["error"]) == ("given-up", "given-up", why)
+    assert body["output"] == output
+    assert (body["rule"], body["action"], body["event_id"]) == (
+        "Rule Terminate",
+        "kubernetes:terminate",
+        "ev-1",
+    )
+    assert "reason" not in body
