@@ -223,6 +223,51 @@ def bench_tracing() -> dict[str, Any]:
     return out
 
 
+def bench_tracing_sdk() -> dict[str, Any]:
+    """``otel.exportWith: sdk`` (spans converted to SDK ReadableSpans, the SDK's
+    BatchSpanProcessor and OTLP/gRPC exporter, all in this process) next to the builtin
+    path (the export process), both to a local Jaeger, against tracing off: dry-run
+    throughput until every span has left, as bench_tracing measures it. The SDK's queue is
+    given the builtin's size (OTEL_BSP_MAX_QUEUE_SIZE=65536) so neither path gains by
+    dropping spans; the spans each exported are reported."""
+    import logging
+
+    from observability.tracing import Tracing, TracingSettings
+    from tests.env.jaeger import TestJaeger
+
+    logging.getLogger().setLevel(logging.WARNING)
+    ruleset = RulesLoader(*load_plugins()).load([ROOT / "examples" / "rules.yaml"])
+    events = make_events(10000, 10)
+    for e in events:
+        e.rule = "Terminal shell in container"
+    off = asyncio.run(_traced_run(events, ruleset, Tracing()))
+    out: dict[str, Any] = {"off_events_per_s": round(len(events) / off)}
+    seconds: dict[str, float] = {}
+    saved = os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE")
+    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = "65536"
+    jaeger = TestJaeger()
+    info = jaeger.start()
+    try:
+        for path in ("builtin", "sdk"):
+            settings = TracingSettings(
+                enabled=True, endpoint=info.otlp_grpc_endpoint, export_with=path
+            )
+            tracing = Tracing(settings)
+            seconds[path] = asyncio.run(_traced_run(events, ruleset, tracing))
+            out[f"{path}_events_per_s"] = round(len(events) / seconds[path])
+            out[f"{path}_cost_pct"] = round((1 - off / seconds[path]) * 100, 1)
+            out[f"{path}_spans"] = tracing.counts()
+    finally:
+        jaeger.stop()
+        if saved is None:
+            os.environ.pop("OTEL_BSP_MAX_QUEUE_SIZE", None)
+        else:
+            os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = saved
+    out["sdk_time_vs_builtin"] = round(seconds["sdk"] / seconds["builtin"], 2)
+    out["spans_per_event"] = 9
+    return out
+
+
 def _post_until_gone(core: Any, request: Any, pod: str, ns: str, limit: float) -> float:
     """Seconds from POSTing ``request`` to ``pod`` reading as 404, polling every 2 ms."""
     import urllib.request
@@ -718,6 +763,8 @@ def main() -> None:
         results["dry_run"] = bench_dry_run()
     if "tracing" in which:
         results["tracing"] = bench_tracing()
+    if "tracing" in which:
+        results["tracing_sdk"] = bench_tracing_sdk()
     if "ingest" in which:
         results["ingest"] = bench_ingest()
     if "burst" in which:

@@ -150,7 +150,10 @@ async def _serve(settings: Settings) -> None:
         extra={"fields": {"config": json.dumps(redacted(settings, notifiers), default=str)}},
     )
     n = settings.notifications
-    tracing = Tracing(settings.tracing)
+    try:
+        tracing = Tracing(settings.tracing)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration:\n  {exc}") from None
     metrics = Metrics()
     s = settings.server
     queue, throttler = _nats_queue(settings, tracing, metrics)

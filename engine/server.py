@@ -86,6 +86,7 @@ class Service:
             self.queue.qsize, lambda: self.in_flight + (nats.in_flight if nats is not None else 0)
         )
         self.metrics.watch_rules(lambda: self.pipeline.compiled.ruleset.checksum)
+        self.metrics.watch_spans(self.tracing.counts)
         if watcher is not None and watcher.metrics is None:
             watcher.metrics = self.metrics
         self.workers = workers

@@ -1,27 +1,30 @@
-"""The export process: reads pickled batches of span rows from its parent, encodes each
-batch as one OTLP request (``observability.otlp``) and sends it."""
+"""The export process of the builtin path: reads pickled batches of span rows from its
+parent, encodes each batch as one OTLP request (``observability.otlp``), sends it, and
+reports each batch's fate back (the parent logs failures and counts spans in
+``falco_talon_spans_total``)."""
 
 from __future__ import annotations
 
-import logging
 import pickle
 import signal
+from collections.abc import Mapping
 from typing import Any
 
-from observability.otlp import OtlpSender, encode_request
+from observability.otlp import OtlpSender, encode_request, encode_resource
 from observability.settings import TracingSettings
 
 
-def export_main(conn: Any, settings: TracingSettings) -> None:  # pragma: no cover - subprocess
-    """Read batches until end of stream (an empty message or a closed pipe), send each.
+def export_main(
+    conn: Any, reports: Any, settings: TracingSettings, resource: Mapping[str, str]
+) -> None:  # pragma: no cover - subprocess
+    """Read batches until end of stream (an empty message or a closed pipe), send each,
+    put ``(spans, None)`` or ``(spans, why it failed)`` on ``reports`` for each.
 
     A batch is at most the processor's ``max_batch`` spans (``observability.processor``),
     so each becomes one request as it is."""
-    logging.basicConfig(level=logging.WARNING, format="falco-talon otel-export: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    sender = OtlpSender(
-        settings.endpoint, settings.protocol, settings.headers, settings.insecure, settings.timeout
-    )
+    sender = OtlpSender(settings)
+    encoded_resource = encode_resource(resource)
     try:
         while True:
             try:
@@ -31,6 +34,6 @@ def export_main(conn: Any, settings: TracingSettings) -> None:  # pragma: no cov
             if not data:
                 break
             rows = pickle.loads(data)  # our own pipe, from our own parent
-            sender.send(encode_request(rows, settings.service_name))
+            reports.put((len(rows), sender.send(encode_request(rows, encoded_resource))))
     finally:
         sender.close()

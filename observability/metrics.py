@@ -8,7 +8,7 @@ few dozen seen as ``other``. Every name starts with ``falco_talon_``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -20,7 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created only doubles the output
@@ -65,6 +65,29 @@ class _RulesInfo(Collector):
         )
         if self.checksum is not None:
             family.add_metric([self.checksum()], 1)
+        yield family
+
+
+class _Spans(Collector):
+    """``falco_talon_spans_total{outcome}``, read from the tracing's counts at scrape time
+    (the export process reports to this process; the SDK's exporters are counted here)."""
+
+    OUTCOMES = ("exported", "failed", "dropped")
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], Mapping[str, int]] | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "falco_talon_spans",
+            "Spans of traced events, by outcome: exported (the collector took them), failed "
+            "(it could not be reached or refused them, after retries; logged), dropped (the "
+            "export queue was full).",
+            labels=["outcome"],
+        )
+        counts = self.counts() if self.counts is not None else {}
+        for outcome in self.OUTCOMES:
+            family.add_metric([outcome], counts.get(outcome, 0))
         yield family
 
 
@@ -151,6 +174,8 @@ class Metrics:
             self.rules_reloads.labels(result)
         self._rules_info = _RulesInfo()
         r.register(self._rules_info)
+        self._spans = _Spans()
+        r.register(self._spans)
         self._sources: set[str] = set()
         self._received: dict[tuple[str, str], Counter] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -217,6 +242,10 @@ class Metrics:
     def watch_rules(self, checksum: Callable[[], str]) -> None:
         """Show ``checksum()`` (the serving rules') as ``falco_talon_rules_info``."""
         self._rules_info.checksum = checksum
+
+    def watch_spans(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Show ``counts()`` (the tracing's spans by outcome) as ``falco_talon_spans_total``."""
+        self._spans.counts = counts
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,30 +1,34 @@
 """A small OTLP/protobuf encoder and sender for finished spans, used by the export process.
 
-Cross-cutting (part of ``observability.tracing``'s export path; it runs in the export process,
-``observability.export``). The SDK's own exporter builds protobuf objects span by span
-(~65 µs a span here), so it is not used; writing the protobuf wire
-format directly from the recorded tuples costs a fraction of that, which is what lets
-tracing stay under a third of the engine's throughput. The message layout is
+Cross-cutting (the builtin export path of ``observability.tracing``; it runs in the export
+process, ``observability.export``). The SDK's own exporter builds protobuf objects span by
+span (~65 µs a span here); writing the protobuf wire format directly from the recorded
+tuples costs a fraction of that, which is what lets tracing stay under a third of the
+engine's throughput. The message layout is
 ``opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest``; the tests decode this
 output with the official generated classes and send it to a real Jaeger over both
-transports. Sending: gRPC (``TraceService/Export``) or HTTP/protobuf (``/v1/traces``).
+transports. Sending: gRPC (``TraceService/Export``) or HTTP/protobuf, with the settings of
+``observability.settings`` (endpoint resolution, headers, timeout, gzip, TLS with a custom
+CA and a client certificate). ``otel.exportWith: sdk`` uses the SDK's exporters instead
+(``observability.sdk``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import gzip
+import ssl
 import struct
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from engine.contract.retry import TRANSIENT_HTTP_STATUSES, Retried, RetryPolicy, retry
 from observability.attributes import attribute_name, bounded
 from observability.rows import Row
-
-log = logging.getLogger("falco_talon.otlp")
+from observability.settings import TracingSettings
 
 EXPORT_RETRY = RetryPolicy(attempts=4, backoff=0.5)
 """Four attempts in all, 0.5 s, 1 s, 2 s apart."""
@@ -139,20 +143,50 @@ def encode_span(row: Row) -> bytes:
     return b"".join(out)
 
 
-def encode_request(rows: Iterable[Row], service_name: str, scope: str = "falco-talon") -> bytes:
+def encode_resource(attributes: Mapping[str, Any]) -> bytes:
+    """A ``Resource`` message: encoded once per export process, sent with every request."""
+    return _attributes(1, attributes)
+
+
+def encode_request(rows: Iterable[Row], resource: bytes, scope: str = "falco-talon") -> bytes:
     """An ``ExportTraceServiceRequest`` holding ``rows`` under one resource and scope."""
-    resource = _attributes(
-        1,
-        {
-            "service.name": service_name,
-            "telemetry.sdk.language": "python",
-            "telemetry.sdk.name": "falco-talon",
-        },
-    )
     spans = b"".join(_bytes(2, encode_span(r)) for r in rows)
     scope_spans = _bytes(1, _string(1, scope)) + spans
     resource_spans = _bytes(1, resource) + _bytes(2, scope_spans)
     return _bytes(1, resource_spans)
+
+
+def read_pem(settings: TracingSettings) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """(CA bundle, client key, client certificate) as bytes, None where not set.
+
+    Raises ValueError naming the setting when a file cannot be read, or when only one of
+    the client certificate and its key is given."""
+    if bool(settings.client_certificate) != bool(settings.client_key):
+        raise ValueError("otel.clientCertificate and otel.clientKey go together: set both")
+    out: list[bytes | None] = []
+    for key, path in (
+        ("certificate", settings.certificate),
+        ("clientKey", settings.client_key),
+        ("clientCertificate", settings.client_certificate),
+    ):
+        try:
+            out.append(Path(path).read_bytes() if path else None)
+        except OSError as exc:
+            raise ValueError(f"otel.{key}: cannot read {path}: {exc.strerror}") from None
+    return out[0], out[1], out[2]
+
+
+def ssl_context(settings: TracingSettings) -> ssl.SSLContext:
+    """The TLS client context of an https collector: the system's CAs or ``certificate``,
+    and the client certificate when set. Raises ValueError on an unusable file."""
+    read_pem(settings)  # missing files, a lone certificate or key: named
+    try:
+        ctx = ssl.create_default_context(cafile=settings.certificate or None)
+        if settings.client_certificate:
+            ctx.load_cert_chain(settings.client_certificate, settings.client_key)
+    except ssl.SSLError as exc:
+        raise ValueError(f"otel: unusable TLS file ({exc.reason or exc})") from None
+    return ctx
 
 
 class OtlpSender:
@@ -164,48 +198,44 @@ class OtlpSender:
 
     GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
-    def __init__(
-        self,
-        endpoint: str,
-        protocol: str,
-        headers: Mapping[str, str],
-        insecure: bool,
-        timeout: float,
-        policy: RetryPolicy = EXPORT_RETRY,
-    ) -> None:
-        self.protocol = protocol
-        self.headers = dict(headers)
-        self.timeout = timeout
+    def __init__(self, settings: TracingSettings, policy: RetryPolicy = EXPORT_RETRY) -> None:
+        self.protocol = settings.protocol
+        self.timeout = settings.timeout
         self.policy = policy
-        self.endpoint = endpoint
+        self.gzip = settings.compression == "gzip"
         self._call: Any = None
         self._loop = asyncio.Runner()
-        if protocol == "grpc":
+        if self.protocol == "grpc":
             import grpc
 
-            target = endpoint or "localhost:4317"
-            for prefix in ("http://", "https://"):
-                if target.startswith(prefix):
-                    insecure = prefix == "http://"
-                    target = target[len(prefix) :]
-            channel = (
-                grpc.insecure_channel(target)
-                if insecure
-                else grpc.secure_channel(target, grpc.ssl_channel_credentials())
-            )
-            self._channel = channel
-            self._call = channel.unary_unary(
+            target, tls = settings.grpc_target()
+            options: dict[str, Any] = {}
+            if self.gzip:
+                options["compression"] = grpc.Compression.Gzip
+            if tls:
+                ca, key, cert = read_pem(settings)
+                credentials = grpc.ssl_channel_credentials(ca, key, cert)
+                self._channel = grpc.secure_channel(target, credentials, **options)
+            else:
+                self._channel = grpc.insecure_channel(target, **options)
+            self._call = self._channel.unary_unary(
                 self.GRPC_METHOD, request_serializer=None, response_deserializer=None
             )
+            # gRPC metadata keys are lower-case (HTTP/2 header names).
+            self._metadata = [(k.lower(), v) for k, v in settings.headers.items()] or None
         else:
-            url = endpoint or "http://localhost:4318"
-            if not url.rstrip("/").endswith("/v1/traces"):
-                url = url.rstrip("/") + "/v1/traces"
-            self.endpoint = url
+            self.url = settings.traces_url()
+            handlers: list[Any] = []
+            if self.url.startswith("https:"):
+                handlers.append(urllib.request.HTTPSHandler(context=ssl_context(settings)))
+            self._opener = urllib.request.build_opener(*handlers)
+            self._headers = {"Content-Type": "application/x-protobuf", **settings.headers}
+            if self.gzip:
+                self._headers["Content-Encoding"] = "gzip"
 
-    def send(self, body: bytes) -> bool:
-        """Send one request; False (and a warning logged) when it could not be delivered.
-        Never raises."""
+    def send(self, body: bytes) -> str | None:
+        """Send one request; None once delivered, else why it could not be (after the
+        retries). Never raises."""
 
         async def once() -> None:
             self._send_once(body)
@@ -213,33 +243,21 @@ class OtlpSender:
         try:
             self._loop.run(retry(self.policy, once, _transient))
         except Retried as failed:
-            exc = failed.error
-            log.warning(
-                "could not export spans to %s (%s: %s)",
-                self._where(),
-                type(exc).__name__,
-                str(exc)[:200],
-            )
-            return False
-        return True
+            return _reason(failed.error)
+        return None
 
     def _send_once(self, body: bytes) -> None:
         if self._call is not None:
-            self._call(body, timeout=self.timeout, metadata=list(self.headers.items()) or None)
+            self._call(body, timeout=self.timeout, metadata=self._metadata)
             return
         request = urllib.request.Request(
-            self.endpoint,
-            data=body,
+            self.url,
+            data=gzip.compress(body, compresslevel=6) if self.gzip else body,
             method="POST",
-            headers={"Content-Type": "application/x-protobuf", **self.headers},
+            headers=self._headers,
         )
-        with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+        with self._opener.open(request, timeout=self.timeout) as resp:
             resp.read()
-
-    def _where(self) -> str:
-        # The endpoint may carry credentials in a query string: name the host only.
-        host = self.endpoint.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
-        return host.rsplit("@", 1)[-1]
 
     def close(self) -> None:
         self._loop.close()
@@ -247,10 +265,27 @@ class OtlpSender:
             self._channel.close()
 
 
+def _reason(exc: BaseException) -> str:
+    """Why a send failed, in one line: a gRPC status (``UNAVAILABLE: ...``) or the error."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        text = f"{getattr(code(), 'name', code())}: {details()}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:300]
+
+
 def _transient(exc: BaseException) -> bool:
-    """Worth retrying: a transient HTTP status, a network error, or a transient gRPC code."""
+    """Worth retrying: a transient HTTP status, a network error, or a transient gRPC code.
+    A TLS peer that refuses our certificate, or whose certificate we refuse, will do so
+    again: not transient."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in TRANSIENT_HTTP_STATUSES
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, ssl.SSLCertVerificationError) or (
+        isinstance(reason, ssl.SSLError) and "ALERT" in str(reason.reason)
+    ):
+        return False
     if isinstance(exc, (urllib.error.URLError, OSError, TimeoutError)):
         return True
     code = getattr(exc, "code", None)

@@ -40,7 +40,9 @@ class BatchProcessor:
         self.shipped = 0
         """Spans handed to the sink."""
         self.dropped = 0
-        """Spans lost: the queue overflowed, or the sink failed."""
+        """Spans lost because the queue overflowed."""
+        self.failed = 0
+        """Spans lost because the sink failed (a bug, or the export process is gone)."""
 
     def submit(self, trace: Trace) -> None:
         """Queue the trace's finished spans (the spans still open stay on the trace)."""
@@ -70,6 +72,8 @@ class BatchProcessor:
             self._wake.wait(self._interval)
             self._wake.clear()
             self.flush()
+            if self.sink is not None:
+                self.sink.poll()
 
     def flush(self) -> None:
         """Ship everything queued now (from the processor's thread, or at shutdown)."""
@@ -85,7 +89,7 @@ class BatchProcessor:
                 sink.send(batch)
             except Exception:  # a sink bug or outage must not kill the thread
                 log.exception("exporting %d span(s) failed", len(batch))
-                self.dropped += len(batch)
+                self.failed += len(batch)
             else:
                 self.shipped += len(batch)
 
@@ -99,3 +103,13 @@ class BatchProcessor:
         self.flush()
         if self.sink is not None:
             self.sink.close()
+            self.sink.poll()
+
+    def counts(self) -> dict[str, int]:
+        """Spans by outcome: exported, failed, dropped (``falco_talon_spans_total``)."""
+        outcomes = self.sink.outcomes if self.sink is not None else None
+        return {
+            "exported": outcomes.exported if outcomes else 0,
+            "failed": self.failed + (outcomes.failed if outcomes else 0),
+            "dropped": self.dropped,
+        }

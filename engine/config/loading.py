@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 
 from engine.config.compat import normalize_env, normalize_file
-from engine.config.environment import env_layer
+from engine.config.environment import env_layer, variable_of
 from engine.config.redaction import redact_message
 from engine.config.settings import DEFAULT_CONFIG, GROUPS, OPTIONS, Settings, config_schema
 from engine.contract.errors import ConfigError
@@ -35,6 +35,14 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def _set_by(layer: Mapping[str, Any], path: tuple[Any, ...]) -> bool:
+    """The layer sets the key at ``path`` (a top-level key or a section's key)."""
+    if not path or path[0] not in layer:
+        return False
+    section = layer[path[0]]
+    return len(path) < 2 or not isinstance(section, Mapping) or path[1] in section
 
 
 def load_settings(
@@ -70,21 +78,19 @@ def load_settings(
         if not isinstance(doc.value, dict):
             raise ConfigError(f"{doc.file}:1:1: the config must be a mapping of keys to values")
         raw = dict(doc.value)
-    from_env = env_layer(normalize_env(env, notifiers), notifiers)
+    env = normalize_env(env, notifiers)
+    from_env = env_layer(env, notifiers)
     merged = _merge(_merge(raw, from_env), overrides or {})
     validator = jsonschema.Draft202012Validator(config_schema(notifiers))
     errors = []
     for err in validator.iter_errors(merged):
         for p, message in config_problems(err):
             top = str(p[0]) if p else ""
-            if top in from_env or (
-                top == "notifiers" and len(p) > 1 and str(p[1]) in from_env.get("notifiers", {})
-            ):
-                origin = "environment " + (
-                    top.upper()
-                    if top != "notifiers"
-                    else "NOTIFIERS_" + "_".join(str(x).upper() for x in p[1:])
-                )
+            variable = variable_of(p, env) if _set_by(from_env, p) else None
+            if variable is not None:
+                origin = f"environment {variable}"
+            elif top == "notifiers" and len(p) > 1 and str(p[1]) in from_env.get("notifiers", {}):
+                origin = "environment NOTIFIERS_" + "_".join(str(x).upper() for x in p[1:])
             elif overrides and top in overrides:
                 origin = f"flag for {top}"
             else:

@@ -379,8 +379,8 @@ class Settings:
     tracing: TracingSettings = _section(
         TracingSettings,
         "otel",
-        "OpenTelemetry traces (OTLP). The standard "
-        "OTEL_EXPORTER_OTLP_* variables and OTEL_SERVICE_NAME are honoured too.",
+        "OpenTelemetry traces (OTLP). The standard OTEL_EXPORTER_OTLP_*, OTEL_TRACES_*, "
+        "OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES variables are honoured too.",
     )
 
 
@@ -398,6 +398,8 @@ class Option:
     """The key's JSON Schema (a section's: without its ``properties``)."""
     env: tuple[str, ...] = ()
     """Standard variables read when the key's own variable is not set, first set wins."""
+    env_scale: float = 1.0
+    """The standard variables' numbers times this (milliseconds to seconds: 0.001)."""
     disabled_by: str = ""
     """A variable that, set to ``true``, turns this boolean off."""
     secret: bool = False
@@ -427,6 +429,7 @@ def _option(group: str, f: Any, fields_: tuple[Option, ...] = ()) -> Option:
         attr="" if fields_ else f.name,
         schema=meta["schema"],
         env=tuple(meta.get("env", ())),
+        env_scale=float(meta.get("env_scale", 1.0)),
         disabled_by=meta.get("disabled_by", ""),
         secret=bool(meta.get("secret", False)),
         v03=meta.get("v03", ""),

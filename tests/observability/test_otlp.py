@@ -9,9 +9,11 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.trace import SpanKind
 
-from observability.otlp import encode_request
+from observability.otlp import encode_request, encode_resource
+from observability.resource import resource_attributes
 from observability.rows import to_row
 from observability.sdk import Converter
+from observability.settings import TracingSettings
 from observability.spans import SpanRecord
 
 ATTRIBUTES = {
@@ -48,10 +50,11 @@ def records() -> list[SpanRecord]:
 def test_our_encoding_decodes_to_the_same_spans_as_the_sdk_encoding() -> None:
     trace_id, remote = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xABCD
     spans = records()
+    resource = resource_attributes(TracingSettings(resource_attributes={"k8s.pod.name": "t-0"}))
     ours = ExportTraceServiceRequest.FromString(
-        encode_request([to_row(trace_id, remote, r) for r in spans], "falco-talon")
+        encode_request([to_row(trace_id, remote, r) for r in spans], encode_resource(resource))
     )
-    convert = Converter("falco-talon")
+    convert = Converter(resource)
     theirs = encode_spans([convert(trace_id, remote, r) for r in spans])
     mine = ours.resource_spans[0].scope_spans[0].spans
     ref = theirs.resource_spans[0].scope_spans[0].spans
@@ -76,6 +79,10 @@ def test_our_encoding_decodes_to_the_same_spans_as_the_sdk_encoding() -> None:
         ]
         assert (a.status.code, a.status.message) == (b.status.code, b.status.message)
     service = {kv.key: kv.value.string_value for kv in ours.resource_spans[0].resource.attributes}
+    assert service == {
+        kv.key: kv.value.string_value for kv in theirs.resource_spans[0].resource.attributes
+    }
     assert service["service.name"] == "falco-talon"
+    assert service["k8s.pod.name"] == "t-0"
     assert mine[1].status.code == 2 and mine[1].status.message == "boom"  # ERROR
     assert len({kv.key: kv for kv in mine[1].attributes}["falco.output"].value.string_value) == 256

@@ -1,93 +1,32 @@
 """Traces in a real Jaeger: one trace per event whose span tree answers "why did my actions
 run in this order?". Jaeger v2 runs from ``tests/env/jaeger.py``; spans leave the way they do
-in production: batched, piped to the export process, encoded by ``observability.otlp`` and
-sent over OTLP/gRPC or OTLP/HTTP."""
+in production, by either export path: builtin (batched, piped to the export process, encoded
+by ``observability.otlp``) or ``exportWith: sdk`` (the SDK's BatchSpanProcessor and OTLP
+exporter), over OTLP/gRPC or OTLP/HTTP. The same tree is asserted for all four."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from engine.contract.actionners import ActionnerRegistry
-from engine.contract.errors import PermanentError
-from engine.contract.notifiers import Notification, NotifierRegistry, notifier
-from engine.contract.retry import RetryPolicy
-from engine.notify import DeliveryPolicy, Dispatcher
-from engine.pipeline import Pipeline
-from engine.rules import RulesLoader
-from engine.server import Service, create_app
 from observability.logging import JsonFormatter, TraceIds
-from observability.tracing import Tracing, TracingSettings
+from observability.tracing import TracingSettings
 from tests.conftest import FALCO_EVENT
 from tests.env.jaeger import JaegerInfo, TestJaeger, parent_span_id, span_tags
-
-RULES = """
-- name: forensics first
-  action: {name: test:first}
-  notifiers: [chat, pager]
-- name: label (superseded)
-  action: {name: test:record}
-- name: kill
-  action: {name: test:stop}
-  notifiers: [chat]
-"""
-
-
-@pytest.fixture(scope="module")
-def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestJaeger]:
-    instance = TestJaeger(tmp_path_factory.mktemp("jaeger"))
-    instance.start()
-    yield instance
-    instance.stop()
-
-
-def notifiers() -> tuple[NotifierRegistry, list[str]]:
-    registry = NotifierRegistry()
-    delivered: list[str] = []
-
-    @notifier("chat", description="delivers", registry=registry)
-    async def chat(note: Notification, settings: Any) -> None:
-        delivered.append(note.rule)
-
-    @notifier("pager", description="always refuses", registry=registry)
-    async def pager(note: Notification, settings: Any) -> None:
-        raise PermanentError("pager service rejected the token")
-
-    return registry, delivered
-
-
-async def talon(
-    aiohttp_client: Any, tmp_path: Path, registry: ActionnerRegistry, settings: TracingSettings
-) -> tuple[TestClient, Service]:
-    path = tmp_path / "rules.yaml"
-    path.write_text(textwrap.dedent(RULES))
-    notes, _ = notifiers()
-    tracing = Tracing(settings, flush_interval=0.05)
-    dispatcher = Dispatcher(
-        notes,
-        {"chat": {}, "pager": {}},
-        DeliveryPolicy(retry=RetryPolicy(attempts=2, backoff=0.01)),
-    )
-    pipeline = Pipeline(
-        RulesLoader(registry, notes).load([path]), registry, dispatcher=dispatcher, tracing=tracing
-    )
-    service = Service(pipeline, tracing=tracing)
-    await service.start()
-    return await aiohttp_client(create_app(service)), service
+from tests.observability.conftest import SPANS_PER_EVENT, talon
 
 
 def by_name(trace: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["operationName"]: s for s in trace["spans"]}
 
 
+@pytest.mark.parametrize("export_with", ["builtin", "sdk"])
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 async def test_an_event_trace_shows_states_actions_skips_and_notifications_in_jaeger(
     aiohttp_client: Any,
@@ -95,30 +34,39 @@ async def test_an_event_trace_shows_states_actions_skips_and_notifications_in_ja
     registry: ActionnerRegistry,
     jaeger: TestJaeger,
     protocol: str,
+    export_with: str,
 ) -> None:
     info: JaegerInfo = jaeger.info
     endpoint = info.otlp_grpc_endpoint if protocol == "grpc" else info.otlp_http_endpoint
-    service_name = f"falco-talon-{protocol.split('/', maxsplit=1)[0]}"
+    service_name = f"falco-talon-{protocol.split('/', maxsplit=1)[0]}-{export_with}"
+    event_id = f"ev-{protocol}-{export_with}"
     client, service = await talon(
         aiohttp_client,
         tmp_path,
         registry,
         TracingSettings(
-            enabled=True, endpoint=endpoint, protocol=protocol, service_name=service_name
+            enabled=True,
+            endpoint=endpoint,
+            protocol=protocol,
+            service_name=service_name,
+            export_with=export_with,
         ),
     )
-    resp = await client.post("/", json={**FALCO_EVENT, "uuid": f"ev-{protocol}"})
+    resp = await client.post("/", json={**FALCO_EVENT, "uuid": event_id})
     assert resp.status == 202
     await service.queue.join()
     await service.pipeline.dispatcher.drain(10)  # type: ignore[union-attr]
-    await service.stop()  # flushes the batches and ends the export process
+    await service.stop()  # flushes the batches and ends the export process (or the SDK's)
 
-    trace = jaeger.wait_for_trace(service_name, lambda t: len(t["spans"]) == 11, timeout=20)
+    trace = jaeger.wait_for_trace(
+        service_name, lambda t: len(t["spans"]) == SPANS_PER_EVENT, timeout=20
+    )
+    assert service.tracing.counts() == {"exported": SPANS_PER_EVENT, "failed": 0, "dropped": 0}
     spans = by_name(trace)
     root = spans["POST /"]
     assert parent_span_id(root) is None
     assert span_tags(root)["span.kind"] == "server"
-    assert span_tags(root)["talon.event_id"] == f"ev-{protocol}"
+    assert span_tags(root)["talon.event_id"] == event_id
 
     states = sorted(
         (s for s in trace["spans"] if parent_span_id(s) == root["spanID"]),

@@ -76,6 +76,18 @@ directory).
 {{- $_ := set $auth "tokenFile" (printf "/etc/falco-talon/auth/%s" .Values.auth.tokenKey) }}
 {{- $_ := set $config "auth" $auth }}
 {{- end }}
+{{- /* The collector's CA and our client certificate (otel.tlsSecretName), a directory too. */}}
+{{- if .Values.otel.tlsSecretName }}
+{{- $otel := deepCopy ($config.otel | default dict) }}
+{{- $_ := set $otel "certificate" (printf "/etc/falco-talon/otel-tls/%s" .Values.otel.caKey) }}
+{{- if .Values.otel.clientCertificate }}
+{{- $_ := set $otel "clientCertificate" "/etc/falco-talon/otel-tls/tls.crt" }}
+{{- $_ := set $otel "clientKey" "/etc/falco-talon/otel-tls/tls.key" }}
+{{- end }}
+{{- $_ := set $config "otel" $otel }}
+{{- else if .Values.otel.clientCertificate }}
+{{- fail "otel.clientCertificate needs otel.tlsSecretName (the Secret holding tls.crt and tls.key)" }}
+{{- end }}
 {{- if and .Values.tls.clientCASecretName (not (.Values.config | default dict).probesPort) }}
 {{- fail "mutual TLS (tls.clientCASecretName) needs config.probesPort: the kubelet's probes and Prometheus have no client certificate" }}
 {{- end }}
