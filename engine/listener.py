@@ -29,7 +29,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -331,8 +331,8 @@ class _Guarded(asyncio.Protocol):
         transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's does not subclass asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         self.guard.handlers[self.inner] = self
         self.inner.connection_made(transport)
         self._arm()

@@ -36,6 +36,7 @@ class BatchProcessor:
         self._interval = flush_interval
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._flushing = threading.Lock()
         self._thread: threading.Thread | None = None
         self.shipped = 0
         """Spans handed to the sink."""
@@ -81,17 +82,20 @@ class BatchProcessor:
         if sink is None:
             self._queue.clear()
             return
-        while self._queue:
-            batch: list[Item] = []
-            while self._queue and len(batch) < self._max_batch:
-                batch.append(self._queue.popleft())
-            try:
-                sink.send(batch)
-            except Exception:  # a sink bug or outage must not kill the thread
-                log.exception("exporting %d span(s) failed", len(batch))
-                self.failed += len(batch)
-            else:
-                self.shipped += len(batch)
+        # One flush at a time: the thread's and a caller's (Tracing.flush) would otherwise
+        # race for the queue's last items and interleave batches on the sink.
+        with self._flushing:
+            while self._queue:
+                batch: list[Item] = []
+                while self._queue and len(batch) < self._max_batch:
+                    batch.append(self._queue.popleft())
+                try:
+                    sink.send(batch)
+                except Exception:  # a sink bug or outage must not kill the thread
+                    log.exception("exporting %d span(s) failed", len(batch))
+                    self.failed += len(batch)
+                else:
+                    self.shipped += len(batch)
 
     def shutdown(self) -> None:
         """Ship what is queued, stop the thread, close the sink."""
