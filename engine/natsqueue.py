@@ -364,17 +364,25 @@ class NatsQueue:
             await slots.acquire()
             if self._stopping:
                 break
+            # One pull for every free worker: what the stream has now, up to that many (a
+            # message per pull made two round trips an event besides the run itself).
+            batch = 1
+            while batch < self.workers and not slots.locked():
+                await slots.acquire()
+                batch += 1
             try:
-                msgs = await sub.fetch(1, timeout=1.0)
+                msgs = await sub.fetch(batch, timeout=1.0)
             except nats.errors.TimeoutError:
-                slots.release()
-                continue
+                msgs = []
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                slots.release()
+                for _ in range(batch):
+                    slots.release()
                 if not self._stopping:
                     log.warning("NATS fetch failed (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(0.5)
                 continue
+            for _ in range(batch - len(msgs)):
+                slots.release()
             for msg in msgs:
                 task = asyncio.create_task(self._handle_safely(msg))
                 self._runs.add(task)
