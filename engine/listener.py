@@ -34,7 +34,7 @@ from typing import Any, cast
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from engine.contract.errors import ConfigError
 
@@ -267,6 +267,25 @@ class _JsonProtocolErrors(RequestHandler):
     bad request line, header, chunk or Content-Encoding) have a JSON body like every other
     reply, naming the problem without quoting the client's bytes."""
 
+    reading: Any = None
+    """The body the running handler is reading (the ingest middleware sets it)."""
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        body = self.reading
+        if body is None or body.is_eof() or len(self._messages) <= queued:
+            return
+        error = self._messages[-1][0]
+        if isinstance(error, _ErrInfo):
+            # The body's bytes did not decode (a Content-Encoding it is not in), after its
+            # head had gone to the handler: aiohttp queues a 400 for *after* that request
+            # and leaves its body open, so the handler would wait for the rest until
+            # bodyTimeout (found by the fuzzer, one request in ten). Fail the body instead.
+            body.set_exception(
+                RequestPayloadError("it does not decode as its Content-Encoding says")
+            )
+
     def handle_error(
         self,
         request: Any,
@@ -430,6 +449,9 @@ def ingest_middleware(
                         )
                 length = request.content_length
                 if request.can_read_body and (length is None or length <= max_body_size):
+                    protocol = request.protocol
+                    if isinstance(protocol, _JsonProtocolErrors):
+                        protocol.reading = request.content
                     try:
                         if request.content.is_eof():
                             # the whole body came with the head: nothing to wait for, no timer
@@ -473,6 +495,8 @@ def ingest_middleware(
                         )
             return await handler(request)
         finally:
+            if isinstance(request.protocol, _JsonProtocolErrors):
+                request.protocol.reading = None
             guard.request_done(request)
 
     return ingest

@@ -210,6 +210,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             {"error": exc.reason},
             headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")},
         )
+    except ConnectionResetError:
+        raise  # the client left mid-request: nobody to answer (aiohttp closes quietly)
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return _json(500, {"error": "internal error; see the server log"})

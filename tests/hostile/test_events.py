@@ -268,6 +268,32 @@ def post_raw(where: str, body: bytes, headers: dict[str, str] | None = None) -> 
         conn.close()
 
 
+@pytest.mark.parametrize("encoding", ["deflate", "gzip"])
+def test_a_body_not_in_its_content_encoding_gets_400_when_it_comes_after_the_head(
+    server_url: str, encoding: str
+) -> None:
+    """The head first, the body a moment later (as TCP may split them): the body does not
+    decode, and the answer is a 400 at once, not a wait until bodyTimeout (30 s) while
+    aiohttp's own 400 queues behind the request (the fuzzer found it, one time in ten)."""
+    import socket
+
+    host, port = server_url.split(":")
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Encoding: " + encoding.encode() + b"\r\nContent-Length: 2\r\n\r\n"
+            )
+            time.sleep(0.05)
+            sock.sendall(b"{}")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)  # a 5 s timeout: raises rather than waiting 30 s
+                assert chunk, answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
 @given(st.binary(max_size=2000))
 def test_any_body_gets_202_or_a_4xx_with_a_json_error(server_url: str, body: bytes) -> None:
     status, reply = post_raw(server_url, body)
