@@ -6,7 +6,8 @@ Not a test: numbers go in notes and the README, targets are compared, nothing as
   that name Falco rules and rules that match only on priority/tags/output_fields;
 * dry-run end to end through the state machine (no HTTP);
 * HTTP ingest: a load generator in another process (wrk if installed, else bench/loadgen.py)
-  with 50 concurrent connections against ``falco-talon server`` in dry-run;
+  with 50 concurrent connections against ``falco-talon server`` in dry-run, with one server
+  process and with ``--processes auto``;
 * memory: peak RSS, and RSS after 100,000 events (growth shows a leak).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -472,6 +474,62 @@ def rss_kib() -> int:
     return 0
 
 
+def bench_shared_state(calls: int = 100_000) -> dict[str, Any]:
+    """CPU µs per call of what ``processes`` > 1 adds on the per-event path: deduplication
+    and throttle counts in the shared file (beside the in-memory stores of one process),
+    and a metric increment (one process; multiprocess, stock and as written behind)."""
+    from prometheus_client import values
+
+    from engine.shared import SharedCounters, SharedDedup, SharedState
+    from engine.storm import DedupWindow, MemoryCounters
+    from observability import multiprocess
+
+    def cpu_us(call: Any, n: int = calls) -> float:
+        start = time.process_time()
+        for i in range(n):
+            call(i)
+        return round((time.process_time() - start) / n * 1e6, 2)
+
+    keys = [hashlib.sha256(b"%d" % i).hexdigest()[:40] for i in range(calls)]  # as storm's
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        SharedState.create(f"{d}/state")
+        state = SharedState(f"{d}/state")
+        for name, dedup, counters in (
+            ("memory", DedupWindow(5.0), MemoryCounters()),
+            ("shared", SharedDedup(state, 5.0), SharedCounters(state)),
+        ):
+            out[f"dedup_new_{name}"] = cpu_us(lambda i, d=dedup: d.claim(keys[i]))
+            out[f"dedup_duplicate_{name}"] = cpu_us(lambda i, d=dedup: d.claim(keys[i % 100]))
+            take = counters.take
+            out[f"throttle_{name}"] = cpu_us(
+                lambda i, t=take: _run_coroutine(t(keys[i % 1000], 1, 60.0, 1e9))
+            )
+        state.close()
+        os.environ[multiprocess.ENV] = d
+        try:
+            label = ("counter", "m", "m_total", [], [], "help")
+            for name, cls in (
+                ("one_process", values.MutexValue),
+                ("multiprocess_stock", values.MultiProcessValue()),
+                ("multiprocess_written_behind", multiprocess.BufferedValue),
+            ):
+                value = cls(*label)
+                out[f"metric_increment_{name}"] = cpu_us(lambda i, v=value: v.inc(1))
+        finally:
+            del os.environ[multiprocess.ENV]
+    return out
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    """Run a coroutine that never awaits (the stores' ``take``) without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the coroutine awaited")
+
+
 def bench_memory() -> dict[str, Any]:
     ruleset = RulesLoader(*load_plugins()).load([ROOT / "examples" / "rules.yaml"])
     base = make_events(1000, 10)
@@ -532,7 +590,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
+def bench_ingest(
+    seconds: int = 10, connections: int = 50, processes: int | str = 1
+) -> dict[str, Any]:
+    """``processes``: the server's ``--processes`` (1, a number, or auto)."""
     port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 - unread; a pipe would fill and stall the server
     env = {
@@ -543,23 +604,27 @@ def bench_ingest(seconds: int = 10, connections: int = 50) -> dict[str, Any]:
         "QUEUESIZE": "10000",
         "DEFAULTNOTIFIERS": "",
     }  # ingest and the machine, no cluster
-    server = start_server(ROOT / "examples" / "rules.yaml", port, env, log, "--dry-run")
+    server = start_server(
+        ROOT / "examples" / "rules.yaml", port, env, log, "--dry-run", "--processes", str(processes)
+    )
     try:
         _wait_port(port)
+        pids = _server_pids(server.pid, port)
         template = _distinct_template()
-        cpu_before = _cpu_seconds(server.pid)
+        cpu_before = sum(_cpu_seconds(p) for p in pids)
         wrk = shutil.which("wrk")
         if wrk:
             result = _wrk(wrk, port, seconds, connections, template)
         else:
             result = _loadgen(port, seconds, connections, template)
-        cores = (_cpu_seconds(server.pid) - cpu_before) / seconds
+        cores = (sum(_cpu_seconds(p) for p in pids) - cpu_before) / seconds
         result["server_cores_used"] = round(cores, 2)
         result["events_per_s_per_core"] = round(result["requests_per_s"] / max(cores, 0.01))
-        status = Path(f"/proc/{server.pid}/status").read_text()
-        result["server_peak_rss_kib"] = int(
-            next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]
-        )
+        result["server_processes"] = max(1, len(pids) - 1)
+        peaks = [_status_kib(p, "VmHWM") for p in pids]  # the supervisor first, if any
+        result["server_peak_rss_kib"] = peaks[0] if len(pids) == 1 else peaks[1:]
+        if len(pids) > 1:
+            result["supervisor_peak_rss_kib"] = peaks[0]
     finally:
         server.terminate()
         server.wait(60)
@@ -607,6 +672,29 @@ def _distinct_template() -> str:
     event["output_fields"]["k8s.pod.name"] = f"{event['output_fields']['k8s.pod.name']}-{MARK}"
     event.pop("uuid", None)
     return json.dumps(event)
+
+
+def _server_pids(pid: int, port: int) -> list[int]:
+    """The server's processes: ``pid``, and with ``--processes`` its server processes once
+    each answers ``/healthz`` (which names its pid)."""
+    import urllib.request
+
+    deadline = time.time() + 60
+    seen: set[int] = set()
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            health = json.loads(resp.read())
+        if "pid" not in health:
+            return [pid]
+        seen.add(health["pid"])
+        if len(seen) == health["processes"]:
+            return [pid, *sorted(seen)]
+    raise RuntimeError("the server processes did not all answer")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith(field + ":")).split()[1])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -722,6 +810,14 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
             ingest["requests_per_s"] >= 8000 and ingest["p99_ms"] < 15
         )
         out["ingest server RSS < 100 MB"] = ingest["server_peak_rss_kib"] < 100 * 1024
+    if "ingest_processes_auto" in results:
+        auto = results["ingest_processes_auto"]
+        out["ingest, processes: auto, >= 8000/s, p99 < 15 ms"] = (
+            auto["requests_per_s"] >= 8000 and auto["p99_ms"] < 15
+        )
+        out["ingest, processes: auto, RSS < 100 MB per process"] = (
+            max(auto["server_peak_rss_kib"]) < 100 * 1024
+        )
     if "burst" in results:
         burst = results["burst"]
         out["burst: every event answered 202/503, every 202 reached a final state"] = (
@@ -750,6 +846,7 @@ def main() -> None:
         "burst",
         "ingest_jetstream",
         "memory",
+        "shared_state",
         "kubernetes",
         "kubernetes_jetstream",
         "real_node",
@@ -767,10 +864,13 @@ def main() -> None:
         results["tracing_sdk"] = bench_tracing_sdk()
     if "ingest" in which:
         results["ingest"] = bench_ingest()
+        results["ingest_processes_auto"] = bench_ingest(processes="auto")
     if "burst" in which:
         results["burst"] = bench_burst()
     if "ingest_jetstream" in which:
         results["ingest_jetstream"] = jetstream.bench_ingest()
+    if "shared_state" in which:
+        results["shared_state_cpu_us_per_call"] = bench_shared_state()
     if "kubernetes" in which:
         results["kubernetes_terminate_latency"] = bench_kubernetes()
     if "kubernetes_jetstream" in which:

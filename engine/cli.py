@@ -9,6 +9,7 @@ errors or an invalid rule test file.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -28,9 +29,11 @@ from engine.config import (
     notifier_settings,
     redacted,
 )
+from engine.contract.actionners import ActionnerRegistry
 from engine.contract.errors import ConfigError
 from engine.contract.event import EventError, load_event
 from engine.contract.kubeapi import NotConfigured
+from engine.contract.notifiers import NotifierRegistry
 from engine.plugins import load_plugins
 from engine.rules import RuleSet, RulesInvalid, RulesLoader
 
@@ -90,6 +93,13 @@ def cli(config: str | None, rules: tuple[str, ...]) -> None:
 @click.option("--dry-run", is_flag=True, default=None, help="Plan every action, run none (dryRun).")
 @click.option("--listen-address", default=None, help="Overrides listenAddress.")
 @click.option("--listen-port", type=int, default=None, help="Overrides listenPort.")
+@click.option(
+    "--processes",
+    "process_count",
+    default=None,
+    help="Overrides processes: server processes sharing the port, a number or auto "
+    "(one per CPU this process may use).",
+)
 @click.pass_context
 def server(
     ctx: click.Context,
@@ -98,6 +108,7 @@ def server(
     dry_run: bool | None,
     listen_address: str | None,
     listen_port: int | None,
+    process_count: str | None,
 ) -> None:
     """Run the HTTP server that receives Falco events."""
     config, rules = _merged(ctx, config, rules)
@@ -110,21 +121,67 @@ def server(
         overrides["listenAddress"] = listen_address
     if listen_port is not None:
         overrides["listenPort"] = listen_port
+    if process_count is not None:
+        overrides["processes"] = int(process_count) if process_count.isdigit() else process_count
     _, notifiers = load_plugins()
     try:
         settings = load_settings(config, notifiers, overrides=overrides)
     except ConfigError as exc:
         _fail(str(exc))
+    from engine.processes import serve_processes
     from observability.logging import setup_logging
 
     setup_logging(settings.logging.format, settings.logging.level.upper())
+    try:
+        code = serve_processes(settings, _serve_here, _check)
+    except (ConfigError, RulesInvalid, NotConfigured) as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+def _serve_here(settings: Settings) -> None:
+    """Serve in this process (the only one, or one of ``processes``) until SIGTERM."""
     try:
         asyncio.run(_serve(settings))
     except (ConfigError, RulesInvalid, NotConfigured) as exc:
         _fail(str(exc))
 
 
+def _prepared(
+    settings: Settings,
+) -> tuple[ActionnerRegistry, NotifierRegistry, RulesLoader, RuleSet]:
+    """The plug-ins and the rules, checked with the notifiers they use; the effective
+    configuration logged (once: by the supervisor when there are several processes)."""
+    from engine import processes
+
+    actionners, notifiers = load_plugins()
+    loader = RulesLoader(actionners, notifiers)
+    ruleset = loader.load(settings.rules.files)
+    used = {n for r in ruleset.rules for n in r.notifiers}
+    check_notifiers(settings, notifiers, used)
+    if processes.current() is None:
+        log.info(
+            "effective configuration",
+            extra={"fields": {"config": json.dumps(redacted(settings, notifiers), default=str)}},
+        )
+    return actionners, notifiers, loader, ruleset
+
+
+def _check(settings: Settings) -> None:
+    """What would stop the server at start-up, checked once before several processes start:
+    the rules, the notifiers, the Kubernetes credentials."""
+    from engine.contract import kubeapi
+
+    _prepared(settings)
+    if not settings.actions.dry_run:
+        kubeapi.connect(settings.actions.kube_config).close()
+    # Imported before the server processes are forked: they share them and start at once.
+    for module in ("engine.server", "observability.metrics", "observability.tracing"):
+        importlib.import_module(module)
+
+
 async def _serve(settings: Settings) -> None:
+    from engine import processes
     from engine.contract import kubeapi
     from engine.contract.retry import RetryPolicy
     from engine.listener import ListenerConfig
@@ -135,20 +192,12 @@ async def _serve(settings: Settings) -> None:
     from observability.metrics import Metrics
     from observability.tracing import Tracing
 
-    actionners, notifiers = load_plugins()
-    loader = RulesLoader(actionners, notifiers)
-    ruleset = loader.load(settings.rules.files)
+    actionners, notifiers, loader, ruleset = _prepared(settings)
     kubeconfig = settings.actions.kube_config
     if settings.actions.dry_run:
         kubeapi.use(None, kubeconfig)  # connect only if something (k8sevents) needs it
     else:
         kubeapi.use(kubeapi.connect(kubeconfig))
-    used = {n for r in ruleset.rules for n in r.notifiers}
-    check_notifiers(settings, notifiers, used)
-    log.info(
-        "effective configuration",
-        extra={"fields": {"config": json.dumps(redacted(settings, notifiers), default=str)}},
-    )
     n = settings.notifications
     try:
         tracing = Tracing(settings.tracing)
@@ -157,6 +206,9 @@ async def _serve(settings: Settings) -> None:
     metrics = Metrics()
     s = settings.server
     queue, throttler = _nats_queue(settings, tracing, metrics)
+    child = processes.current()  # None: this process serves alone
+    if child is not None and throttler is None:
+        throttler = child.throttler()
     dispatcher = Dispatcher(
         notifiers,
         notifier_settings(settings, notifiers),
@@ -189,6 +241,7 @@ async def _serve(settings: Settings) -> None:
         watcher=watcher,
         dedup_window=settings.deduplication.time_window_seconds,
         nats=queue,
+        dedup=child.dedup(settings.deduplication.time_window_seconds) if child else None,
     )
     listener = ListenerConfig(
         cert_file=settings.tls.cert_file,
@@ -199,6 +252,7 @@ async def _serve(settings: Settings) -> None:
         header_timeout=s.header_timeout,
         body_timeout=s.body_timeout,
         probes_port=s.probes_port,
+        reuse_port=child is not None,
     )
     try:
         await serve(service, s.listen_address, s.listen_port, listener)

@@ -79,6 +79,9 @@ class ListenerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     probes_port: int = 0
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT: several server processes share the ports, the kernel
+    spreads connections over them (``processes`` > 1)."""
 
     def __post_init__(self) -> None:
         if bool(self.cert_file) != bool(self.key_file):
@@ -415,6 +418,7 @@ class GuardedSite(web.TCPSite):
             ssl_handshake_timeout=self._guard.config.header_timeout if self._ssl_context else None,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
+            reuse_port=self._guard.config.reuse_port or None,
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine import __version__
+from engine import __version__, processes
 from engine.contract.event import EventError, FalcoEvent, decode_event
 from engine.listener import (
     PROTOCOL_LOG,
@@ -38,7 +38,7 @@ from engine.listener import (
 from engine.natsqueue import HandOff, NatsQueue
 from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
-from engine.storm import DedupWindow, identity
+from engine.storm import Dedup, DedupWindow, identity
 from observability.eventlog import event_logger
 from observability.metrics import CONTENT_TYPE, Metrics
 from observability.tracing import NO_TRACE, SpanKind, SpanRecord, Trace, Tracing
@@ -66,13 +66,14 @@ class Service:
         metrics: Metrics | None = None,
         dedup_window: float = 0.0,
         nats: NatsQueue | None = None,
+        dedup: Dedup | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.queue: asyncio.Queue[Queued] = asyncio.Queue(queue_size)
-        self.dedup = DedupWindow(dedup_window)
+        self.dedup: Dedup = dedup if dedup is not None else DedupWindow(dedup_window)
         """The embedded default's deduplication (with NATS, the stream's window does it);
         the CLI passes ``deduplication.timeWindowSeconds`` (default 5 s), a library user
-        opts in."""
+        opts in. ``dedup``: another store (shared by the server processes)."""
         self.nats = nats
         """The durable shared queue, when ``nats.url`` is set: events go there, not to
         :attr:`queue`, and this replica's workers pull from it."""
@@ -140,11 +141,11 @@ class Service:
         if self.nats is not None:
             return await self.nats.publish(event, trace, root)
         key = identity(event)
-        if self.dedup.seen(key):
+        if not self.dedup.claim(key):
             return HandOff.DUPLICATE
         if not self.submit(event, trace, root):
+            self.dedup.release(key)
             return HandOff.FULL
-        self.dedup.add(key)
         return HandOff.ACCEPTED
 
     async def stop(self) -> None:
@@ -184,6 +185,7 @@ class Service:
             "queue": self.queue.qsize(),
             "in_flight": self.in_flight + (self.nats.in_flight if self.nats is not None else 0),
             "uptime_s": round(time.time() - self.started, 1),
+            **processes.identity(),
         }
 
 
@@ -389,6 +391,7 @@ async def serve(
             }
         },
     )
+    processes.ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

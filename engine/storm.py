@@ -5,11 +5,13 @@ Position in the flow: HTTP -> **deduplication** -> queue -> ... -> **throttle** 
 * :func:`identity` names an event so that the same event sent twice has one name:
   Falcosidekick's ``uuid`` when the sender gave one, else a hash of rule + output + time +
   hostname. The embedded default keeps the names seen in the last window in memory
-  (:class:`DedupWindow`); with NATS the name is the message's ``Nats-Msg-Id`` and the
+  (:class:`DedupWindow`; in shared memory when several processes share the port,
+  ``engine.shared``); with NATS the name is the message's ``Nats-Msg-Id`` and the
   stream's ``duplicate_window`` does the same across replicas.
 * :class:`Throttler` decides, per rule with a ``throttle``, whether one more action on a
   target (pod / workload / node) fits in the window. The counts live in a
-  :class:`CounterStore`: :class:`MemoryCounters` in one process, a JetStream key-value
+  :class:`CounterStore`: :class:`MemoryCounters` in one process (``engine.shared`` when
+  several processes share the port), a JetStream key-value
   bucket when NATS is configured (``engine.natsqueue``), so replicas share them. One
   algorithm for both: a sliding log of the times actions were allowed, per key, updated
   with compare-and-set.
@@ -36,11 +38,21 @@ def identity(event: FalcoEvent) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-class DedupWindow:
-    """The identities seen in the last ``window`` seconds, in memory (the embedded default).
+class Dedup(Protocol):
+    """Where the identities of accepted events are remembered. ``claim`` is atomic: it
+    records ``key`` unless it was recorded within the window; True when it recorded (the
+    event is new). ``release`` forgets ``key``: the caller claims before queueing and
+    releases when the queue refuses the event, so an event refused (queue full) and sent
+    again is not taken for a duplicate."""
 
-    ``seen`` does not record: the caller ``add``s once the event is really queued, so an
-    event refused (queue full) and sent again is not taken for a duplicate."""
+    def claim(self, key: str) -> bool: ...
+
+    def release(self, key: str) -> None: ...
+
+
+class DedupWindow:
+    """The identities seen in the last ``window`` seconds, in memory (the embedded default,
+    one process; ``engine.shared.SharedDedup`` when several share the port)."""
 
     def __init__(self, window: float, limit: int = 200_000) -> None:
         self.window = window
@@ -55,18 +67,20 @@ class DedupWindow:
                 break
             expiry.popitem(last=False)
 
-    def seen(self, key: str) -> bool:
+    def claim(self, key: str) -> bool:
         if self.window <= 0:
-            return False
+            return True
         now = time.monotonic()
         self._expire(now)
         until = self._expiry.get(key)
-        return until is not None and until > now
+        if until is not None and until > now:
+            return False
+        self._expiry[key] = now + self.window
+        self._expiry.move_to_end(key)
+        return True
 
-    def add(self, key: str) -> None:
-        if self.window > 0:
-            self._expiry[key] = time.monotonic() + self.window
-            self._expiry.move_to_end(key)
+    def release(self, key: str) -> None:
+        self._expiry.pop(key, None)
 
 
 # -- throttle ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Cross-cutting: the server, the pipeline and the notification dispatcher count into one
 :class:`Metrics`. Labels stay low-cardinality: no pod names and no event text; a Falco
 priority outside the known levels is counted as ``unknown``, and sources beyond the first
-few dozen seen as ``other``. Every name starts with ``falco_talon_``.
+few dozen seen as ``other``. Every name starts with ``falco_talon_``. When several server
+processes share the port, each counts in files the others read (``observability.multiprocess``)
+and ``/metrics`` shows the totals of all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from observability import multiprocess
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created only doubles the output
 
@@ -77,14 +82,14 @@ class _Spans(Collector):
     def __init__(self) -> None:
         self.counts: Callable[[], Mapping[str, int]] | None = None
 
+    HELP = (
+        "Spans of traced events, by outcome: exported (the collector took them), failed "
+        "(it could not be reached or refused them, after retries; logged), dropped (the "
+        "export queue was full)."
+    )
+
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "falco_talon_spans",
-            "Spans of traced events, by outcome: exported (the collector took them), failed "
-            "(it could not be reached or refused them, after retries; logged), dropped (the "
-            "export queue was full).",
-            labels=["outcome"],
-        )
+        family = CounterMetricFamily("falco_talon_spans", self.HELP, labels=["outcome"])
         counts = self.counts() if self.counts is not None else {}
         for outcome in self.OUTCOMES:
             family.add_metric([outcome], counts.get(outcome, 0))
@@ -95,6 +100,10 @@ class Metrics:
     """The process's metrics, in a registry of their own (one per service, one per test)."""
 
     def __init__(self) -> None:
+        self.shared = bool(multiprocess.directory())
+        """Several server processes: values go to the shared directory, scrapes sum them."""
+        if self.shared:
+            multiprocess.enable()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events_received = Counter(
@@ -149,10 +158,16 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "falco_talon_queue_depth", "Events accepted and waiting for a worker.", registry=r
+            "falco_talon_queue_depth",
+            "Events accepted and waiting for a worker.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
-            "falco_talon_events_in_flight", "Events being processed now.", registry=r
+            "falco_talon_events_in_flight",
+            "Events being processed now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.events_deduplicated = Counter(
             "falco_talon_events_deduplicated",
@@ -176,6 +191,14 @@ class Metrics:
         r.register(self._rules_info)
         self._spans = _Spans()
         r.register(self._spans)
+        self._scraped = r
+        if self.shared:  # every process's files, and this process's rules (all serve the same)
+            self._scraped = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self._scraped)  # type: ignore[no-untyped-call]
+            self._scraped.register(self._rules_info)
+            self._spans_shared = Counter(
+                "falco_talon_spans", _Spans.HELP, ["outcome"], registry=self.registry
+            )
         self._sources: set[str] = set()
         self._received: dict[tuple[str, str], Counter] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -233,8 +256,16 @@ class Metrics:
         self._child(self.notifications, notifier, outcome).inc()
 
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
-        self.queue_depth.set_function(queue_depth)
-        self.in_flight.set_function(in_flight)
+        if not self.shared:
+            self.queue_depth.set_function(queue_depth)
+            self.in_flight.set_function(in_flight)
+            return
+
+        def sample() -> None:
+            self.queue_depth.set(queue_depth())
+            self.in_flight.set(in_flight())
+
+        multiprocess.sample(sample)
 
     def rules_reload(self, result: str) -> None:
         self._child(self.rules_reloads, result).inc()
@@ -246,6 +277,21 @@ class Metrics:
     def watch_spans(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Show ``counts()`` (the tracing's spans by outcome) as ``falco_talon_spans_total``."""
         self._spans.counts = counts
+        if not self.shared:
+            return
+        added = dict.fromkeys(_Spans.OUTCOMES, 0)
+
+        def sample() -> None:  # this process's new counts, into the summed counter
+            now = counts()
+            for outcome in _Spans.OUTCOMES:
+                delta = now.get(outcome, 0) - added[outcome]
+                if delta:
+                    self._spans_shared.labels(outcome).inc(delta)
+                    added[outcome] += delta
+
+        multiprocess.sample(sample)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared:
+            multiprocess.flush()
+        return generate_latest(self._scraped)

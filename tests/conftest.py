@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,16 @@ FALCO_EVENT: dict[str, Any] = {
     },
     "tags": ["shell", "container", "mitre_execution"],
 }
+
+
+def poll(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait for ``predicate`` (of a server in another process) to hold; fail after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
 
 
 def sidekick_shape(event: dict[str, Any]) -> dict[str, Any]:

@@ -71,6 +71,20 @@ class ServerSettings:
     workers: int = _opt(
         "workers", 16, {"type": "integer", "minimum": 1}, "Events processed concurrently."
     )
+    processes: int | str = _opt(
+        "processes",
+        1,
+        {
+            "type": ["integer", "string"],
+            "minimum": 1,
+            "pattern": "^auto$",
+            "errorMessage": "must be a number of processes (1 or more) or auto",
+        },
+        "Server processes sharing listenPort (SO_REUSEPORT), each with its own queue and "
+        "workers, started and restarted by a supervisor; deduplication, throttles and "
+        "/metrics hold across them. auto: one per CPU this process may use (CPU affinity "
+        "and cgroup CPU quota, rounded up).",
+    )
     shutdown_timeout: float = _opt(
         "shutdownTimeout",
         30.0,

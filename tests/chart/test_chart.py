@@ -168,6 +168,19 @@ def test_the_rendered_config_leaves_kubeconfig_empty_for_in_cluster_credentials(
     assert yaml.safe_load(default_render.config_yaml())["listenPort"] == 2803
 
 
+def test_a_cpu_limit_gives_one_server_process_per_cpu_of_it_unless_processes_is_set(
+    helm: Helm, default_render: Rendered
+) -> None:
+    def processes(rendered: Rendered) -> Any:
+        return yaml.safe_load(rendered.config_yaml()).get("processes")
+
+    assert processes(default_render) is None  # no CPU limit: the server's default, one
+    limited = helm.template(sets=("resources.limits.cpu=1500m",))
+    assert processes(limited) == "auto"  # the server reads the quota: two processes
+    chosen = helm.template(sets=("resources.limits.cpu=4", "config.processes=2"))
+    assert processes(chosen) == 2
+
+
 def test_rules_override_comes_after_the_rules_in_the_directory_s_name_order(
     all_render: Rendered,
 ) -> None:

@@ -184,3 +184,91 @@ def test_a_misspelt_otel_key_is_an_error(tmp_path: Path, notifiers: NotifierRegi
     path = write(tmp_path, "otel:\n  enable: true\n")
     with pytest.raises(ConfigError, match=r"unknown key 'enable'; did you mean 'enabled'\?"):
         load_settings(path, notifiers, env={})
+
+
+def test_processes_is_a_number_or_auto_from_the_file_the_environment_or_the_flag(
+    tmp_path: Path, notifiers: NotifierRegistry
+) -> None:
+    assert load_settings(None, notifiers, env={}).server.processes == 1
+    path = write(tmp_path, "processes: 4\n")
+    assert load_settings(path, notifiers, env={}).server.processes == 4
+    assert load_settings(path, notifiers, env={"PROCESSES": "auto"}).server.processes == "auto"
+    flag = load_settings(path, notifiers, env={"PROCESSES": "auto"}, overrides={"processes": 2})
+    assert flag.server.processes == 2
+    path = write(tmp_path, "processes: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, notifiers, env={"PROCESSES": "many"})
+    assert "environment PROCESSES: processes must be a number of processes (1 or more) or " in (
+        str(err.value)
+    )
+    with pytest.raises(ConfigError, match=r"config.yaml:1:12: 0 is less than the minimum of 1"):
+        load_settings(path, notifiers, env={})
+
+
+def cgroups(root: Path, membership: str, mounts: str, files: dict[str, str]) -> Path:
+    """A /proc/self and /sys/fs/cgroup as the kernel shows them, under ``root``."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(membership)
+    (root / "proc/self/mountinfo").write_text(mounts)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_auto_counts_the_cpus_a_cgroup_v2_quota_allows_parents_included(tmp_path: Path) -> None:
+    from engine.processes import cgroup_cpu_quota
+
+    mounts = "35 25 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    root = cgroups(
+        tmp_path,
+        "0::/kubepods/pod1/talon\n",
+        mounts,
+        {
+            "sys/fs/cgroup/kubepods/pod1/talon/cpu.max": "max 100000\n",
+            "sys/fs/cgroup/kubepods/pod1/cpu.max": "250000 100000\n",  # the pod's limit: 2.5
+            "sys/fs/cgroup/kubepods/cpu.max": "max 100000\n",
+        },
+    )
+    assert cgroup_cpu_quota(root) == 2.5
+
+
+def test_auto_counts_the_cpus_a_cgroup_v1_quota_allows_in_a_container(tmp_path: Path) -> None:
+    from engine.processes import cgroup_cpu_quota
+
+    # Inside a container the cgroup's own directory is the mount's root.
+    mounts = (
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "32 31 0:29 /kubepods/pod1/c1 /sys/fs/cgroup/cpu,cpuacct ro,relatime shared:9 - "
+        "cgroup cgroup rw,cpu,cpuacct\n"
+        "35 31 0:32 /kubepods/pod1/c1 /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n"
+    )
+    root = cgroups(
+        tmp_path,
+        "4:memory:/kubepods/pod1/c1\n2:cpu,cpuacct:/kubepods/pod1/c1\n0::/\n",
+        mounts,
+        {
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "50000\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert cgroup_cpu_quota(root) == 0.5
+    unlimited = cgroups(
+        tmp_path / "unlimited",
+        "2:cpu,cpuacct:/\n",
+        mounts.replace("/kubepods/pod1/c1", "/"),
+        {
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert cgroup_cpu_quota(unlimited) is None
+
+
+def test_auto_is_at_least_one_and_at_most_the_cpus_this_process_may_run_on() -> None:
+    import os
+
+    from engine.processes import available_cpus, count
+
+    assert 1 <= count("auto") == available_cpus() <= len(os.sched_getaffinity(0))
+    assert count(3) == 3

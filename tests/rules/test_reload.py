@@ -26,6 +26,7 @@ from engine.pipeline import Pipeline
 from engine.reload import RulesWatcher
 from engine.rules import RulesLoader, checksum
 from observability.metrics import Metrics
+from tests.conftest import poll
 
 V1 = "- name: version one\n  action: {name: test:record}\n"
 V2 = "- name: version two\n  action: {name: test:record}\n"
@@ -311,14 +312,6 @@ def free_port() -> int:
 def get(port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return str(resp.read().decode())
-
-
-def poll(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def test_a_server_logging_into_its_rules_directory_reloads_only_on_rules_changes(

@@ -1,7 +1,9 @@
-"""Storm control in the embedded default (one process, no NATS): the same event sent twice
-acts once; a rule's throttle lets N actions per target through per window and skips the
-rest with its reason, while the server keeps answering. Real aiohttp server and client,
-the test-only ``test:*`` actionners."""
+"""Storm control in the embedded default (no NATS): the same event sent twice acts once; a
+rule's throttle lets N actions per target through per window and skips the rest with its
+reason, while the server keeps answering. Each behaviour holds for both stores: in memory
+(one process) and in the shared-memory file several server processes share
+(``engine.shared``, a real file in /dev/shm or the tmp dir). Real aiohttp server and
+client, the test-only ``test:*`` actionners."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import asyncio
 import copy
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from engine.contract.actionners import ActionnerRegistry
@@ -19,6 +24,8 @@ from engine.contract.event import event_from_dict
 from engine.pipeline import Pipeline
 from engine.rules import RuleSet
 from engine.server import Service, create_app
+from engine.shared import RECORDS, SharedCounters, SharedDedup, SharedState
+from engine.storm import Dedup, DedupWindow, MemoryCounters, Throttler
 from observability.metrics import Metrics
 from tests.conftest import FALCO_EVENT
 from tests.recording import Recorder
@@ -37,6 +44,27 @@ def event(**over: Any) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Stores:
+    """Where identities and throttle counts live."""
+
+    dedup: Callable[[float], Dedup]
+    throttler: Callable[[], Throttler]
+
+
+@pytest.fixture(params=["memory", "shared"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    if request.param == "memory":
+        yield Stores(DedupWindow, lambda: Throttler(MemoryCounters()))
+        return
+    SharedState.create(str(tmp_path / "state"))
+    state = SharedState(str(tmp_path / "state"))
+    yield Stores(
+        lambda window: SharedDedup(state, window), lambda: Throttler(SharedCounters(state))
+    )
+    state.close()
+
+
 async def client_for(
     aiohttp_client: Any, pipeline: Pipeline, **kw: Any
 ) -> tuple[TestClient, Service]:
@@ -50,9 +78,10 @@ async def test_the_same_event_twice_within_the_window_is_processed_once(
     registry: ActionnerRegistry,
     load_rules: Callable[..., RuleSet],
     recorder: Recorder,
+    stores: Stores,
 ) -> None:
     pipeline = Pipeline(load_rules("- name: r\n  action: {name: test:record}\n"), registry)
-    client, service = await client_for(aiohttp_client, pipeline, dedup_window=5.0)
+    client, service = await client_for(aiohttp_client, pipeline, dedup=stores.dedup(5.0))
     try:
         sidekick = event()
         plain = {k: v for k, v in FALCO_EVENT.items()}  # no uuid: rule+output+time+hostname
@@ -74,11 +103,14 @@ async def test_a_storm_of_5000_events_for_one_pod_acts_once_and_the_server_keeps
     registry: ActionnerRegistry,
     load_rules: Callable[..., RuleSet],
     recorder: Recorder,
+    stores: Stores,
 ) -> None:
     metrics = Metrics()
-    pipeline = Pipeline(load_rules(THROTTLED), registry, metrics=metrics)
+    pipeline = Pipeline(
+        load_rules(THROTTLED), registry, metrics=metrics, throttler=stores.throttler()
+    )
     client, service = await client_for(
-        aiohttp_client, pipeline, dedup_window=5.0, queue_size=10_000
+        aiohttp_client, pipeline, dedup=stores.dedup(5.0), queue_size=10_000
     )
     try:
         started = time.monotonic()
@@ -103,7 +135,10 @@ async def test_a_storm_of_5000_events_for_one_pod_acts_once_and_the_server_keeps
 
 
 async def test_a_throttled_step_is_skipped_with_its_reason_and_addressed_to_notifiers(
-    registry: ActionnerRegistry, load_rules: Callable[..., RuleSet], recorder: Recorder
+    registry: ActionnerRegistry,
+    load_rules: Callable[..., RuleSet],
+    recorder: Recorder,
+    stores: Stores,
 ) -> None:
     rules = """
 - rule: isolate then label
@@ -112,7 +147,9 @@ async def test_a_throttled_step_is_skipped_with_its_reason_and_addressed_to_noti
     - {action: label, actionner: test:record}
     - {action: again, actionner: test:record}
 """
-    pipeline = Pipeline(load_rules(rules), registry, default_notifiers=("webhook",))
+    pipeline = Pipeline(
+        load_rules(rules), registry, default_notifiers=("webhook",), throttler=stores.throttler()
+    )
     runs = [await pipeline.process(event_from_dict(event())) for _ in range(3)]
     assert len(recorder.calls) == 4  # the chain of 2 actions ran for 2 events
     steps = runs[2].summary()["steps"]
@@ -129,3 +166,29 @@ async def test_explain_names_the_throttle_and_the_counter_the_event_counts_in(
     rules = load_rules(THROTTLED.replace("per: pod", "per: workload"))
     text = explain_text(await explain(event_from_dict(event()), rules, registry))
     assert "throttle: at most 1 per workload within 60s (workload demo/web)" in text
+
+
+async def test_a_throttle_above_what_a_shared_counter_records_never_lets_more_through_a_window(
+    stores: Stores,
+) -> None:
+    store = stores.throttler().store
+    limit, window = 3 * RECORDS, 10.0
+    times = [i * 0.25 for i in range(400)]  # four a second for 100 s, against 24 per 10 s
+    allowed = [t for t in times if await store.take("ab" * 20, limit, window, 1000.0 + t)]
+    for t in allowed:  # every sliding window holds at most `limit`
+        assert sum(1 for u in allowed if t <= u < t + window) <= limit
+    assert len(allowed) >= 8 * limit  # and it lets (nearly) the limit through each window
+
+
+def test_a_shared_table_s_full_bucket_forgets_the_identity_expiring_first(tmp_path: Path) -> None:
+    path = str(tmp_path / "state")
+    SharedState.create(path, dedup_buckets=1, counter_buckets=1)  # one bucket of 8 slots
+    state = SharedState(path)
+    dedup = SharedDedup(state, 60.0)
+    keys = [f"{i:040x}" for i in range(9)]
+    assert [dedup.claim(k) for k in keys] == [True] * 9  # the ninth took the first's slot
+    assert state.evictions() == (1, 0)
+    assert [dedup.claim(k) for k in keys[1:]] == [False] * 8
+    assert dedup.claim(keys[0])  # forgotten early: taken for new (processed, never dropped)
+    dedup.release(keys[0])
+    assert dedup.claim(keys[0])  # released (its queue was full): new again

@@ -59,6 +59,11 @@ directory).
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $_ := set $config "kubeConfig" "" }}
 {{- $_ := set $config "rulesFile" (list "/etc/falco-talon/rules/") }}
+{{- /* One server process per CPU of the container's CPU limit (the server reads the cgroup
+quota: "auto"); without a limit, the server's default (one), not one per CPU of the node. */}}
+{{- if and (not (hasKey $config "processes")) ((.Values.resources | default dict).limits | default dict).cpu }}
+{{- $_ := set $config "processes" "auto" }}
+{{- end }}
 {{- /* The Secrets of tls and auth are mounted as directories (rotation reaches them). */}}
 {{- if .Values.tls.secretName }}
 {{- $tls := deepCopy ($config.tls | default dict) }}
