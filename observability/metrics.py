@@ -196,9 +196,12 @@ class Metrics:
             self._scraped = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self._scraped)  # type: ignore[no-untyped-call]
             self._scraped.register(self._rules_info)
+            # (in no registry: the scrape reads it from the files, as every value here)
             self._spans_shared = Counter(
-                "falco_talon_spans", _Spans.HELP, ["outcome"], registry=self.registry
+                "falco_talon_spans", _Spans.HELP, ["outcome"], registry=None
             )
+            for outcome in _Spans.OUTCOMES:
+                self._spans_shared.labels(outcome)
         self._sources: set[str] = set()
         self._received: dict[tuple[str, str], Counter] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

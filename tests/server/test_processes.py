@@ -287,6 +287,7 @@ def test_metrics_from_either_process_are_the_totals_of_both(talons: Callable[...
     text = talon.request(next(iter(conns.values())), "GET", "/metrics")[1]
     assert "# TYPE falco_talon_events_received_total counter" in text
     assert text.count("falco_talon_rules_info{") == 1
+    assert text.count('falco_talon_spans_total{outcome="exported"}') == 1  # tracing off: 0
 
 
 def test_sigterm_drains_both_processes_and_the_supervisor_exits_0(
