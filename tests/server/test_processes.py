@@ -93,10 +93,10 @@ class Talon:
                 stderr=subprocess.STDOUT,
             )
         if wait:
-            poll(lambda: self._exited() or bool(self.lines("server processes listening")))
+            poll(lambda: self.raise_if_exited() or bool(self.lines("server processes listening")))
         return self
 
-    def _exited(self) -> bool:
+    def raise_if_exited(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
@@ -196,6 +196,19 @@ def talons(tmp_path: Path) -> Iterator[Callable[..., Talon]]:
             talon.stop()
             for pid in talon.pids().values() if talon.lines("server processes listening") else ():
                 assert gone(pid), "a server process outlived its supervisor"
+
+
+def test_one_process_serves_alone_as_before(talons: Callable[..., Talon]) -> None:
+    talon = talons(MARK % 0, processes=1)
+    talon.start(wait=False)
+    poll(lambda: talon.raise_if_exited() or bool(talon.lines("listening")))
+    assert talon.once("POST", "/", event())[0] == 202
+    health = talon.once("GET", "/healthz")[1]
+    assert not {"process", "processes", "pid"} & set(health)
+    poll(lambda: len(talon.marked()) == 1)
+    assert not talon.lines("starting server processes")
+    assert all("process" not in r for r in talon.records())  # the logs do not change
+    assert talon.stop() == 0
 
 
 def test_both_server_processes_take_connections_and_handle_events(
