@@ -121,8 +121,8 @@ def test_with_a_nats_url_the_config_names_it_and_the_secrets_mounted_as_files(
         assert mounts[name]["mountPath"] == path and mounts[name]["readOnly"] is True
         assert "subPath" not in mounts[name]
     # The server takes the rendered config as it is, and shows no credential in it.
-    path, _ = external.write(tmp_path)
-    settings = load_settings(str(path), load_plugins()[1], env={})
+    config_file, _ = external.write(tmp_path)
+    settings = load_settings(str(config_file), load_plugins()[1], env={})
     assert settings.nats.url == EXTERNAL["nats"]["url"]
     assert settings.nats.token == "" and settings.nats.token_file.endswith("/token")
 
