@@ -9,7 +9,7 @@ UV := $(PYTHON) -m uv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 
 .PHONY: help install tools run test lint typecheck unit bench schemas fmt clean testenv-up testenv-down jaeger \
-	image image-demo
+	image image-demo image-nats
 
 help:
 	@echo "make run    - install, start the local control plane + demo workloads, serve examples/ on 127.0.0.1:2803"
@@ -20,6 +20,7 @@ help:
 	@echo "make cluster-down - stop it and remove its bridge, iptables chains, mounts and state"
 	@echo "make image  - OCI archive of falco-talon (no registry; see image/README.md); prints its path last"
 	@echo "make image-demo - OCI archive of the demo workload image; prints its path last"
+	@echo "make image-nats - OCI archive of nats-server (JetStream) for the chart's bundled NATS; prints its path last"
 
 install: $(STAMP)
 
@@ -83,6 +84,9 @@ image:
 
 image-demo:
 	@bash image/build.sh demo
+
+image-nats:
+	@bash image/build.sh nats
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -779,28 +779,30 @@ async def _run_in_containers(
     for container in (c.name for c in pod.spec.containers):
 
         def run(container: str = container) -> dict[str, Any]:
-            resp = stream(
-                api.core.connect_get_namespaced_pod_exec,
-                target.pod,
-                target.namespace,
-                container=container,
-                command=[shell, "-c", command],
-                stderr=True,
-                stdin=False,
-                stdout=True,
-                tty=False,
-                _preload_content=False,
-                _request_timeout=timeout + 10,  # the socket outlives run_forever's deadline
-            )
-            started = time.monotonic()
-            try:
-                resp.run_forever(timeout=timeout)
-                # timeout=0: never wait here for output of a command still running.
-                out = resp.read_stdout(timeout=0) or ""
-                err = resp.read_stderr(timeout=0) or ""
-                code = resp.returncode
-            finally:
-                resp.close(timeout=1)  # closing the stream makes the kubelet kill the command
+            # A client of its own: stream() swaps its transport while it connects.
+            with api.stream_core() as core:
+                resp = stream(
+                    core.connect_get_namespaced_pod_exec,
+                    target.pod,
+                    target.namespace,
+                    container=container,
+                    command=[shell, "-c", command],
+                    stderr=True,
+                    stdin=False,
+                    stdout=True,
+                    tty=False,
+                    _preload_content=False,
+                    _request_timeout=timeout + 10,  # the socket outlives run_forever's deadline
+                )
+                started = time.monotonic()
+                try:
+                    resp.run_forever(timeout=timeout)
+                    # timeout=0: never wait here for output of a command still running.
+                    out = resp.read_stdout(timeout=0) or ""
+                    err = resp.read_stderr(timeout=0) or ""
+                    code = resp.returncode
+                finally:
+                    resp.close(timeout=1)  # closing the stream makes the kubelet kill it
             return {
                 "stdout": _cut(out),
                 "stderr": _cut(err),

@@ -380,8 +380,9 @@ def bench_kubernetes(events: int = 200, servers: Servers = one_server) -> dict[s
 def bench_real_node(events: int = 200, batch: int = 25) -> dict[str, Any]:
     """POST to the pod's deletion being visible in the API, on the real node of
     ``make cluster-up`` (started if needed, left running): falco-talon installed by its chart
-    (2 replicas) behind its Service, pods that are real containers of the demo image, the
-    rule "Terminate the pod" of examples/cluster-values.yaml; one event at a time."""
+    (2 replicas sharing its NATS server) behind its Service, pods that are real containers of
+    the demo image, the rule "Terminate the pod" of examples/cluster-values.yaml; one event at
+    a time."""
     import urllib.request
 
     from kubernetes import client, config

@@ -3,14 +3,18 @@
 #
 #   image/build.sh talon   -> docker.io/falcosecurity/falco-talon-py:<version in pyproject.toml>
 #   image/build.sh demo    -> docker.io/falcosecurity/falco-talon-demo:bookworm
+#   image/build.sh nats    -> docker.io/falcosecurity/falco-talon-nats:<nats-server version>
 #
 # The root filesystem comes from Debian packages (debootstrap, minbase), Python packages from
 # uv.lock (exact versions, hashes checked), the project as a normal wheel. buildah assembles
 # the image and writes an OCI archive. The LAST line printed is the archive's path.
+# The nats image is the static nats-server binary of `tests/env/build.sh nats` (built from the
+# Go module proxy) on an empty base: no Debian packages at all.
 #
 # Cache (${XDG_CACHE_HOME:-~/.cache}/falco-talon/images):
 #   base/<suite>-<hash of variant+packages>/rootfs.tar  the debootstrap result, reused by both images
 #   <name>-<tag>-<hash of inputs>.oci.tar               the archives; an unchanged tree is a no-op
+#                                                        (nats: the binary's version and hash)
 #   buildah/                                             buildah's storage (scratch, safe to delete)
 set -euo pipefail
 
@@ -29,9 +33,9 @@ VENV=/opt/falco-talon
 log() { echo "image: $*" >&2; }
 
 case "$KIND" in
-talon | demo) ;;
+talon | demo | nats) ;;
 *)
-    echo "usage: $0 talon|demo" >&2
+    echo "usage: $0 talon|demo|nats" >&2
     exit 2
     ;;
 esac
@@ -51,6 +55,17 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml" | head -n1
 if [[ $KIND == talon ]]; then
     NAME=falco-talon-py
     TAG=$version
+elif [[ $KIND == nats ]]; then
+    # The binary tests/nats runs (cached by version; built from the Go module proxy on first
+    # use), and its own version: `nats-server: v2.15.2` -> tag 2.15.2.
+    NATS_BIN=$(bash "$ROOT/tests/env/build.sh" nats | tail -n1)/nats-server
+    nats_version=$("$NATS_BIN" --version | sed -n 's/^nats-server: v\{0,1\}\([0-9][^ ]*\)$/\1/p')
+    [[ -n $nats_version ]] || {
+        echo "image: cannot read the version of $NATS_BIN" >&2
+        exit 1
+    }
+    NAME=falco-talon-nats
+    TAG=$nats_version
 else
     NAME=falco-talon-demo
     TAG=$SUITE
@@ -62,7 +77,10 @@ inputs_hash() {
     {
         echo "$KIND $SUITE $VARIANT $BASE_PACKAGES $RUN_UID"
         sha256sum "$ROOT/image/build.sh" "$ROOT/image/purge.py"
-        if [[ $KIND == talon ]]; then
+        if [[ $KIND == nats ]]; then
+            echo "$TAG"
+            sha256sum <"$NATS_BIN"
+        elif [[ $KIND == talon ]]; then
             cd "$ROOT"
             find pyproject.toml uv.lock README.md engine actionners notifiers observability schemas \
                 -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 |
@@ -93,6 +111,91 @@ if [[ -s $OUT ]]; then # built meanwhile by the holder of the lock
     exit 0
 fi
 started=$(date +%s)
+
+# --- 4. the image: buildah from the root filesystem tar $WORK/rootfs.tar, config by kind ----
+assemble() {
+    B=(buildah --root "$CACHE/buildah/root" --runroot "$CACHE/buildah/runroot" --storage-driver overlay)
+    revision=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+    if [[ $KIND == talon && -n $(git -C "$ROOT" status --porcelain -- pyproject.toml uv.lock engine \
+        actionners notifiers observability schemas image 2>/dev/null) ]]; then
+        revision=$revision-dirty
+    fi
+    source_url=$(git -C "$ROOT" remote get-url origin 2>/dev/null | sed 's/\.git$//' || true)
+    [[ $source_url == https://* ]] || source_url=https://github.com/falco-talon/falco-talon
+    c=$("${B[@]}" from --quiet scratch)
+    cleanup() {
+        [[ -z $c ]] || "${B[@]}" rm "$c" >/dev/null 2>&1 || true
+        rm -rf --one-file-system "$WORK"
+    }
+    trap cleanup EXIT
+    "${B[@]}" add --quiet "$c" "$WORK/rootfs.tar" / >/dev/null
+    labels=(
+        --label org.opencontainers.image.source="$source_url"
+        --label org.opencontainers.image.revision="$revision"
+        --label org.opencontainers.image.licenses=Apache-2.0
+    )
+    if [[ $KIND == talon ]]; then
+        "${B[@]}" config "${labels[@]}" \
+            --label org.opencontainers.image.version="$version" \
+            --label org.opencontainers.image.title=falco-talon \
+            --label org.opencontainers.image.description="falco-talon, a response engine for Falco" \
+            --env PATH=$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            --env PYTHONDONTWRITEBYTECODE=1 --env PYTHONUNBUFFERED=1 --env LANG=C.UTF-8 \
+            --env HOME=/home/nonroot \
+            --user "$RUN_UID:$RUN_UID" --workingdir /home/nonroot \
+            --entrypoint "[\"$VENV/bin/falco-talon\"]" --cmd '["--help"]' \
+            --port 2803/tcp "$c"
+    elif [[ $KIND == nats ]]; then
+        "${B[@]}" config "${labels[@]}" \
+            --label org.opencontainers.image.version="$TAG" \
+            --label org.opencontainers.image.title=falco-talon-nats \
+            --label org.opencontainers.image.description="NATS server with JetStream for falco-talon's shared queue: github.com/nats-io/nats-server/v2@v$TAG, static, on an empty base" \
+            --env PATH=/usr/local/bin \
+            --user "$RUN_UID:$RUN_UID" --workingdir /data \
+            --entrypoint '["/usr/local/bin/nats-server"]' \
+            --cmd '["--jetstream", "--store_dir", "/data", "--http_port", "8222"]' \
+            --port 4222/tcp --port 8222/tcp "$c"
+    else
+        "${B[@]}" config "${labels[@]}" \
+            --label org.opencontainers.image.version="$SUITE" \
+            --label org.opencontainers.image.title=falco-talon-demo \
+            --label org.opencontainers.image.description="Demo workload for falco-talon: Debian $SUITE minbase, bash + coreutils" \
+            --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8 \
+            --cmd '["/bin/sleep", "infinity"]' "$c"
+    fi
+    "${B[@]}" commit --quiet --rm "$c" "$REF" >/dev/null
+    c=
+    rm -f "$OUT.part"
+    "${B[@]}" push --quiet "$REF" "oci-archive:$OUT.part:$REF"
+    "${B[@]}" rmi "$REF" >/dev/null 2>&1 || true
+    mv "$OUT.part" "$OUT"
+    # Older archives of the same image go (and leftovers of interrupted pushes): the newest stays.
+    find "$CACHE" -maxdepth 1 -name "$NAME-*.oci.tar*" ! -path "$OUT" -delete
+}
+
+if [[ $KIND == nats ]]; then
+    # --- the NATS server: its static binary (CGO_ENABLED=0), a passwd naming the run-time user,
+    # /data for JetStream's store (a volume in a pod) and /tmp; no libc, no shell, nothing else.
+    WORK=$(mktemp -d "$CACHE/work-XXXXXX")
+    trap 'rm -rf --one-file-system "$WORK"' EXIT
+    R=$WORK/rootfs
+    install -D -m 0755 "$NATS_BIN" "$R/usr/local/bin/nats-server"
+    if ldd "$R/usr/local/bin/nats-server" >/dev/null 2>&1; then
+        echo "image: $NATS_BIN is dynamically linked: it would not run on an empty base" >&2
+        exit 1
+    fi
+    mkdir -p "$R/etc" "$R/data" "$R/tmp"
+    chmod 1777 "$R/tmp"
+    printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:%s:%s:nonroot:/data:/sbin/nologin\n' \
+        "$RUN_UID" "$RUN_UID" >"$R/etc/passwd"
+    printf 'root:x:0:\nnonroot:x:%s:\n' "$RUN_UID" >"$R/etc/group"
+    chown "$RUN_UID:$RUN_UID" "$R/data"
+    tar -C "$R" --numeric-owner -cf "$WORK/rootfs.tar" .
+    assemble
+    log "built $REF in $(($(date +%s) - started)) s: $(du -k "$OUT" | cut -f1) KB archive"
+    echo "$OUT"
+    exit 0
+fi
 
 # --- 1. base root filesystem, cached by suite + package list ---------------------------------
 base_key=$(echo "$SUITE $VARIANT $BASE_PACKAGES" | sha)
@@ -250,53 +353,6 @@ fi
 
 tar -C "$R" --numeric-owner -cf "$WORK/rootfs.tar" .
 
-# --- 4. the image ---------------------------------------------------------------------------
-B=(buildah --root "$CACHE/buildah/root" --runroot "$CACHE/buildah/runroot" --storage-driver overlay)
-revision=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
-if [[ $KIND == talon && -n $(git -C "$ROOT" status --porcelain -- pyproject.toml uv.lock engine \
-    actionners notifiers observability schemas image 2>/dev/null) ]]; then
-    revision=$revision-dirty
-fi
-source_url=$(git -C "$ROOT" remote get-url origin 2>/dev/null | sed 's/\.git$//' || true)
-[[ $source_url == https://* ]] || source_url=https://github.com/falco-talon/falco-talon
-c=$("${B[@]}" from --quiet scratch)
-cleanup() {
-    [[ -z $c ]] || "${B[@]}" rm "$c" >/dev/null 2>&1 || true
-    rm -rf --one-file-system "$WORK"
-}
-trap cleanup EXIT
-"${B[@]}" add --quiet "$c" "$WORK/rootfs.tar" / >/dev/null
-labels=(
-    --label org.opencontainers.image.source="$source_url"
-    --label org.opencontainers.image.revision="$revision"
-    --label org.opencontainers.image.licenses=Apache-2.0
-)
-if [[ $KIND == talon ]]; then
-    "${B[@]}" config "${labels[@]}" \
-        --label org.opencontainers.image.version="$version" \
-        --label org.opencontainers.image.title=falco-talon \
-        --label org.opencontainers.image.description="falco-talon, a response engine for Falco" \
-        --env PATH=$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        --env PYTHONDONTWRITEBYTECODE=1 --env PYTHONUNBUFFERED=1 --env LANG=C.UTF-8 \
-        --env HOME=/home/nonroot \
-        --user "$RUN_UID:$RUN_UID" --workingdir /home/nonroot \
-        --entrypoint "[\"$VENV/bin/falco-talon\"]" --cmd '["--help"]' \
-        --port 2803/tcp "$c"
-else
-    "${B[@]}" config "${labels[@]}" \
-        --label org.opencontainers.image.version="$SUITE" \
-        --label org.opencontainers.image.title=falco-talon-demo \
-        --label org.opencontainers.image.description="Demo workload for falco-talon: Debian $SUITE minbase, bash + coreutils" \
-        --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8 \
-        --cmd '["/bin/sleep", "infinity"]' "$c"
-fi
-"${B[@]}" commit --quiet --rm "$c" "$REF" >/dev/null
-c=
-rm -f "$OUT.part"
-"${B[@]}" push --quiet "$REF" "oci-archive:$OUT.part:$REF"
-"${B[@]}" rmi "$REF" >/dev/null 2>&1 || true
-mv "$OUT.part" "$OUT"
-# Older archives of the same image go (and leftovers of interrupted pushes): the newest stays.
-find "$CACHE" -maxdepth 1 -name "$NAME-*.oci.tar*" ! -path "$OUT" -delete
+assemble
 log "built $REF in $(($(date +%s) - started)) s: $(du -m "$OUT" | cut -f1) MB archive"
 echo "$OUT"

@@ -19,11 +19,12 @@ it to plug-ins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -230,6 +231,21 @@ class KubeApi:
         return await self.call(
             f"get pod {namespace}/{name}", self.core.read_namespaced_pod, name, namespace
         )
+
+    @contextlib.contextmanager
+    def stream_core(self) -> Iterator[Any]:
+        """A CoreV1Api on an ApiClient of its own (same configuration), for one exec stream.
+        The client library's ``stream()`` swaps the transport of the ApiClient it is given
+        for a websocket while it connects: on the shared client, the other threads' calls
+        would go over a websocket meanwhile, and two streams starting together leave it
+        swapped for good (every later call fails with "Handshake status 200 OK")."""
+        from kubernetes import client
+
+        api_client = client.ApiClient(self.api_client.configuration)
+        try:
+            yield client.CoreV1Api(api_client)
+        finally:
+            api_client.close()
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run a long blocking client operation (an exec stream) in the pool, no retries."""

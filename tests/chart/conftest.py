@@ -44,13 +44,24 @@ class Rendered:
     def find(self, kind: str) -> list[dict[str, Any]]:
         return [d for d in self.docs if d["kind"] == kind]
 
+    def named(self, kind: str, name: str) -> dict[str, Any]:
+        found = [d for d in self.find(kind) if d["metadata"]["name"] == name]
+        assert len(found) == 1, f"{len(found)} {kind} {name!r} rendered"
+        return found[0]
+
     def config_yaml(self) -> str:
         import base64
 
         return base64.b64decode(self.one("Secret")["data"]["config.yaml"]).decode()
 
+    def config(self) -> dict[str, Any]:
+        """The rendered config.yaml, parsed."""
+        config: dict[str, Any] = yaml.safe_load(self.config_yaml())
+        return config
+
     def rules_files(self) -> dict[str, str]:
-        return dict(self.one("ConfigMap")["data"])
+        (rules,) = [c for c in self.find("ConfigMap") if c["metadata"]["name"].endswith("-rules")]
+        return dict(rules["data"])
 
     def write(self, directory: Path) -> tuple[Path, Path]:
         """The config file and the rules directory, as the pod sees them."""

@@ -2,10 +2,11 @@
 
 - ``charts/falco-talon/files/rbac-declarations.yaml``: ``falco-talon rbac --declarations``,
   each actionner's and notifier's own RBAC rules, which the ClusterRole template unites;
-- ``$defs`` ``config``, ``rule``, ``match`` and ``action`` of
+- ``$defs`` ``config``, ``nats``, ``rule``, ``match`` and ``action`` of
   ``charts/falco-talon/values.schema.json``: copies of ``schemas/config.schema.json`` (less
-  ``kubeConfig`` and ``rulesFile``, which the chart sets) and ``schemas/rules.schema.json``,
-  so ``helm install`` rejects what the server would.
+  ``kubeConfig``, ``rulesFile`` and ``nats``, which the chart sets), of its ``nats`` section
+  (less the credentials, which the chart takes from Secrets: the values' ``nats`` refers to
+  it) and of ``schemas/rules.schema.json``, so ``helm install`` rejects what the server would.
 
 Run ``python -m tests.chart.sync`` after ``make schemas``; ``--check`` exits 1 on drift.
 """
@@ -30,8 +31,11 @@ DECLARATIONS_HEADER = (
     "# actionner's and notifier's own Kubernetes RBAC rules. templates/_helpers.tpl unites\n"
     "# those of the actionners and notifiers in use. Do not edit: tests/chart fails on drift.\n"
 )
-# Set by the chart itself: in-cluster credentials, the rules ConfigMap's mount.
-CHART_OWNED_CONFIG_KEYS = ("kubeConfig", "rulesFile")
+# Set by the chart itself: in-cluster credentials, the rules ConfigMap's mount, the queue
+# (from the values' own `nats` section).
+CHART_OWNED_CONFIG_KEYS = ("kubeConfig", "rulesFile", "nats")
+# Keys of the server's nats section the chart sets from Secrets (files), never from values.
+NATS_CREDENTIAL_KEYS = ("token", "tokenFile", "tls")
 
 
 def cli_declarations() -> str:
@@ -62,10 +66,18 @@ def schema_defs() -> dict[str, Any]:
         k: v for k, v in config_def["properties"].items() if k not in CHART_OWNED_CONFIG_KEYS
     }
     config_def["description"] = (
-        "falco-talon's configuration (schemas/config.schema.json); kubeConfig and rulesFile "
-        "are set by the chart."
+        "falco-talon's configuration (schemas/config.schema.json); kubeConfig, rulesFile and "
+        "nats are set by the chart."
     )
-    return {"config": config_def, **copy.deepcopy(rules["$defs"])}
+    nats = copy.deepcopy(config["properties"]["nats"])
+    nats["properties"] = {
+        k: v for k, v in nats["properties"].items() if k not in NATS_CREDENTIAL_KEYS
+    }
+    nats["description"] = (
+        "The server's nats section (schemas/config.schema.json) less its credentials, which "
+        "the chart sets from Secrets."
+    )
+    return {"config": config_def, "nats": nats, **copy.deepcopy(rules["$defs"])}
 
 
 def values_schema_text() -> str:

@@ -13,13 +13,14 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 
-from tests.chart.conftest import VALUES_ALL, Helm, Rendered
+from tests.chart.conftest import VALUES_ALL, Helm, Rendered, values_file
 from tests.chart.sync import CHART
 from tests.env.testenv import TestEnv, TestEnvInfo
 
@@ -165,14 +166,25 @@ def delete_cluster_scoped(api: Apiserver, rendered: Rendered) -> None:
             api.request("DELETE", api.path(doc, ""))
 
 
-@pytest.mark.parametrize("values", [(), (VALUES_ALL,)], ids=["default", "all-options"])
+# Two replicas sharing the NATS server the chart runs, with its defaults (a claim of the
+# default StorageClass, a PodDisruptionBudget, the anti-affinity).
+SCALE_OUT: dict[str, Any] = {"replicaCount": 2, "nats": {"deploy": {"enabled": True}}}
+
+
+@pytest.mark.parametrize(
+    "values", [(), (VALUES_ALL,), SCALE_OUT], ids=["default", "all-options", "scale-out"]
+)
 def test_the_apiserver_accepts_every_rendered_manifest(
-    helm: Helm, apiserver: Apiserver, values: tuple[Any, ...]
+    helm: Helm, apiserver: Apiserver, values: tuple[Any, ...] | dict[str, Any], tmp_path: Path
 ) -> None:
     ns = fresh_namespace(apiserver)
+    if isinstance(values, dict):
+        values = (values_file(tmp_path, values),)
     rendered = render_into(helm, ns, values)
-    if values:
+    if VALUES_ALL in values:
         assert "ServiceMonitor" in rendered.kinds()  # applied too: its CRD exists here
+    if values and VALUES_ALL not in values:
+        assert {"StatefulSet", "PodDisruptionBudget"} <= set(rendered.kinds())
     try:
         for doc in rendered.docs:
             status, body = apiserver.apply(doc, ns, dry_run=True)
@@ -293,8 +305,11 @@ def test_the_chart_s_service_account_may_not_do_what_no_actionner_needs(
     assert not allowed(apiserver, installed, verb, group, resource, sub)
 
 
+@pytest.mark.parametrize(
+    "sets", [(), ("replicaCount=2", "nats.deploy.enabled=true")], ids=["one-replica", "scale-out"]
+)
 def test_helm_install_into_the_apiserver_succeeds_and_its_notes_say_how_to_send_events(
-    helm: Helm, apiserver: Apiserver
+    helm: Helm, apiserver: Apiserver, sets: tuple[str, ...]
 ) -> None:
     ns = f"chart-{uuid.uuid4().hex[:8]}"
     release = f"talon-{ns}"
@@ -304,6 +319,7 @@ def test_helm_install_into_the_apiserver_succeeds_and_its_notes_say_how_to_send_
         [
             *(*base, "install", release, str(CHART), "--create-namespace"),
             *("--set", "config.dryRun=true", "--timeout", "60s"),
+            *(arg for s in sets for arg in ("--set", s)),
         ],
         capture_output=True,
         text=True,
@@ -319,10 +335,17 @@ def test_helm_install_into_the_apiserver_succeeds_and_its_notes_say_how_to_send_
         assert f"url: {url}/" in res.stdout  # Falco's http_output...
         assert "json_output: true" in res.stdout  # ...which needs JSON
         assert "DRY RUN" in res.stdout
-        deploy = client.AppsV1Api(apiserver.api_client).read_namespaced_deployment(
-            f"{release}-falco-talon", ns
-        )
+        apps = client.AppsV1Api(apiserver.api_client)
+        deploy = apps.read_namespaced_deployment(f"{release}-falco-talon", ns)
         assert deploy.spec.template.spec.service_account_name == f"{release}-falco-talon"
+        if not sets:
+            assert "One process with an in-memory queue" in res.stdout
+        else:
+            assert deploy.spec.replicas == 2
+            nats = f"{release}-falco-talon-nats"
+            assert apps.read_namespaced_stateful_set(nats, ns).spec.replicas == 1
+            assert f"NATS JetStream at nats://{nats}.{ns}.svc:4222" in res.stdout
+            assert f"store on PVC data-{nats}-0, kept by `helm uninstall`" in res.stdout
     finally:
         subprocess.run(
             [*base, "uninstall", release], capture_output=True, env=env, check=False, timeout=120

@@ -84,18 +84,22 @@ def test_the_default_values_render_the_core_objects_and_no_optional_ones(
         "ClusterRoleBinding",
         "ConfigMap",
         "Deployment",
-        "PodDisruptionBudget",
         "Secret",
         "Service",
         "ServiceAccount",
     ]
 
 
-def test_every_option_renders_the_servicemonitor_networkpolicy_and_ingress(
+def test_every_option_renders_the_servicemonitor_networkpolicy_ingress_and_nats(
     all_render: Rendered,
 ) -> None:
-    for kind in ("ServiceMonitor", "NetworkPolicy", "Ingress"):
+    for kind in ("ServiceMonitor", "Ingress", "PodDisruptionBudget", "StatefulSet"):
         assert len(all_render.find(kind)) == 1, kind
+    # falco-talon's and the bundled NATS server's
+    assert [p["metadata"]["name"] for p in all_render.find("NetworkPolicy")] == [
+        "talon-all",
+        "talon-all-nats",
+    ]
     monitor = all_render.one("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
@@ -215,7 +219,9 @@ def test_an_existing_secret_replaces_the_rendered_one(helm: Helm) -> None:
 def test_the_network_policy_only_admits_the_configured_pods_on_the_listen_port(
     all_render: Rendered,
 ) -> None:
-    policy = all_render.one("NetworkPolicy")["spec"]
+    (policy,) = [
+        p["spec"] for p in all_render.find("NetworkPolicy") if p["metadata"]["name"] == "talon-all"
+    ]
     deploy = all_render.one("Deployment")
     assert policy["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
     assert policy["policyTypes"] == ["Ingress"]
@@ -247,6 +253,7 @@ def test_the_termination_grace_period_covers_the_shutdown_timeout(
     [
         ("config.dryrun=true", "dryrun"),
         ("config.kubeConfig=/root/.kube/config", "kubeConfig"),
+        ("config.nats.url=nats://nats:4222", "nats"),  # the chart's: from the values' nats
         ("config.logFormat=xml", "logFormat"),
         ("config.notifiers.slack.webhook=https://x", "webhook"),
         ("rules[0].action.parameter.x=1", "parameter"),

@@ -16,6 +16,7 @@ import yaml
 
 from tests.chart.conftest import FALCO_TALON, Rendered
 from tests.conftest import FALCO_EVENT
+from tests.env.natsserver import TestNats
 from tests.env.testenv import TestEnvInfo, free_port
 
 
@@ -67,6 +68,14 @@ def test_the_rendered_config_and_rules_start_a_healthy_server(
     # kubeConfig is empty in the rendered config (in-cluster in the pod); KUBECONFIG, the
     # environment form of that setting, points this local run at the test apiserver.
     env = {**os.environ, "KUBECONFIG": str(testenv.kubeconfig)}
+    nats_server = None
+    if "nats" in rendered.config():
+        # The same for the queue: a real nats-server requiring a token, reached through
+        # NATS_URL and NATS_TOKENFILE; the stream, subject and the rest are the rendered ones.
+        token = tmp_path / "nats-token"
+        token.write_text("4f1c0de5a1e")
+        nats_server = TestNats(tmp_path / "nats", token="4f1c0de5a1e")
+        env |= {"NATS_URL": nats_server.start(), "NATS_TOKENFILE": str(token)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -92,6 +101,17 @@ def test_the_rendered_config_and_rules_start_a_healthy_server(
         assert body["rules"] == sum(
             len(yaml.safe_load(text)) for text in rendered.rules_files().values()
         )
+        if nats_server is not None:
+            stream = rendered.config()["nats"]["stream"]
+            while time.monotonic() < deadline and "NATS connected" not in log.read_text():
+                time.sleep(0.1)
+            connected = [x for x in log.read_text().splitlines() if "NATS connected" in x]
+            assert connected and stream in connected[0], log.read_text()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/", data=json.dumps(FALCO_EVENT).encode()
+            )
+            with urllib.request.urlopen(request, timeout=5) as r:  # stored in the stream
+                assert (r.status, json.loads(r.read())["status"]) == (202, "accepted")
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
@@ -100,3 +120,5 @@ def test_the_rendered_config_and_rules_start_a_healthy_server(
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+        if nats_server is not None:
+            nats_server.stop()

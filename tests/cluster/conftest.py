@@ -7,7 +7,9 @@ this host through kube-proxy's DNAT), the falco-talon OCI image of ``make image`
 its own Helm chart (``charts/falco-talon`` with ``examples/cluster-values.yaml``: in-cluster
 config, the chart's ServiceAccount and computed ClusterRole, /healthz probes) and the demo
 image of ``make image-demo`` running the workloads of namespace ``demo`` (a Deployment, a
-DaemonSet, a StatefulSet and a standalone pod). Events are POSTed the way Falcosidekick
+DaemonSet, a StatefulSet and a standalone pod). falco-talon runs two replicas sharing the NATS
+JetStream server the chart deploys (the image of ``make image-nats``, its store on a
+PersistentVolume). Events are POSTed the way Falcosidekick
 posts them; outcomes are read where an operator reads them: pod labels, NetworkPolicies,
 Kubernetes Events, the falco-talon pods' logs, and containerd (``ctr``).
 
@@ -29,7 +31,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
@@ -37,10 +39,12 @@ from kubernetes import client
 
 from tests.env.cluster import (
     DEMO_NAMESPACE,
-    RELEASE,
     TALON_NAMESPACE,
+    TALON_SELECTOR,
     Cluster,
 )
+
+LISTEN_PORT = 2803  # examples/cluster-values.yaml keeps the chart's config.listenPort
 
 T = TypeVar("T")
 
@@ -108,6 +112,7 @@ class Posted:
     id: str
     status: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Talon:
@@ -143,11 +148,11 @@ class Talon:
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, raw = int(resp.status), resp.read()
+                status, raw, headers = int(resp.status), resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as e:
-            status, raw = int(e.code), e.read()
+            status, raw, headers = int(e.code), e.read(), dict(e.headers)
         data = json.loads(raw) if raw else {}
-        return Posted(str(data.get("id", body.get("uuid"))), status, data)
+        return Posted(str(data.get("id", body.get("uuid"))), status, data, headers)
 
     def send(self, rule: str, pod: str, namespace: str = DEMO_NAMESPACE) -> str:
         posted = self.post(self.event(rule, pod, namespace))
@@ -155,10 +160,36 @@ class Talon:
         return posted.id
 
     def pods(self) -> list[Any]:
+        """falco-talon's pods (not the NATS server's)."""
         return list(
-            self.core.list_namespaced_pod(
-                TALON_NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
-            ).items
+            self.core.list_namespaced_pod(TALON_NAMESPACE, label_selector=TALON_SELECTOR).items
+        )
+
+    def running(self) -> list[Any]:
+        """falco-talon's pods that run and are not being deleted."""
+        return [
+            p
+            for p in self.pods()
+            if p.metadata.deletion_timestamp is None and p.status.phase == "Running"
+        ]
+
+    def post_to(self, pod: Any, body: dict[str, Any]) -> Posted:
+        """POST to one replica, by its pod IP (the bridge reaches it from this host)."""
+        return Talon(f"http://{pod.status.pod_ip}:{LISTEN_PORT}", self.core).post(body)
+
+    def counter(self, pod: Any, name: str, **labels: str) -> float:
+        """One replica's Prometheus counter ``name`` (summed over the series matching
+        ``labels``), read from its /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://{pod.status.pod_ip}:{LISTEN_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
         )
 
     def logs(self) -> list[dict[str, Any]]:

@@ -15,11 +15,13 @@ Everything is the real thing, built from the Go module proxy by ``tests/env/buil
   garbage collection...) and kube-proxy (iptables mode, so ClusterIPs answer from the host).
 
 Services live in :data:`SERVICE_CIDR`; a route sends that range to the bridge, so nothing
-leaves the machine. The images come from ``make image`` / ``make image-demo`` (OCI
-archives, imported with ``ctr``); the sandbox ("pause") image is the demo image with
-``sleep infinity`` as its entrypoint (same layers). ``up`` then installs
-``charts/falco-talon`` with ``examples/cluster-values.yaml`` and the demo workloads of
-namespace ``demo``.
+leaves the machine. The images come from ``make image`` / ``make image-demo`` /
+``make image-nats`` (OCI archives, imported with ``ctr``); the sandbox ("pause") image is the
+demo image with ``sleep infinity`` as its entrypoint (same layers). ``up`` then installs
+``charts/falco-talon`` with ``examples/cluster-values.yaml`` (two replicas sharing the chart's
+NATS StatefulSet, whose claim binds a hostPath PersistentVolume under the state directory)
+and the demo workloads of namespace ``demo``. There is no cluster DNS: the values pin the NATS
+Service's ClusterIP, which the chart then hands falco-talon.
 
 Command line (from the repository root, as root)::
 
@@ -57,6 +59,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tests.env.testenv import (
     _CHILDREN,
     BUILD_SCRIPT,
@@ -77,6 +81,8 @@ from tests.env.testenv import (
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "falco-talon"
 VALUES = ROOT / "examples" / "cluster-values.yaml"
+# falco-talon's pods (not the bundled NATS server's, which share the release's instance label)
+TALON_SELECTOR = "app.kubernetes.io/name=falco-talon,app.kubernetes.io/instance=falco-talon"
 
 NODE_NAME = "talon-node"
 BRIDGE = "talon0"
@@ -86,8 +92,21 @@ CGROUP_ROOT = "/falco-talon-cluster"
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10.1"
 TALON_IMAGE = "docker.io/falcosecurity/falco-talon-py:0.1.0"
 DEMO_IMAGE = "docker.io/falcosecurity/falco-talon-demo:bookworm"
+
+
+def _chart_nats_image() -> str:
+    """The image the chart's bundled NATS runs by default (what ``make image-nats`` builds)."""
+    image = yaml.safe_load((CHART / "values.yaml").read_text())["nats"]["deploy"]["image"]
+    return f"docker.io/{image['repository']}:{image['tag']}"
+
+
+NATS_IMAGE = _chart_nats_image()
 TALON_NAMESPACE = "falco-talon"
 RELEASE = "falco-talon"
+# The PersistentVolume the bundled NATS server's claim binds (a directory of the state dir;
+# its class and size are those of examples/cluster-values.yaml), owned by the server's user.
+NATS_VOLUME = "talon-nats-data"
+NATS_UID = 65532
 DEMO_NAMESPACE = "demo"
 CTR_NAMESPACE = "k8s.io"
 RUN_CONTAINERD = Path("/run/containerd")
@@ -572,6 +591,7 @@ class Cluster:
         archives = {
             "talon": image_archive("image", "FALCO_TALON_IMAGE_ARCHIVE"),
             "demo": image_archive("image-demo", "FALCO_TALON_DEMO_IMAGE_ARCHIVE"),
+            "nats": image_archive("image-nats", "FALCO_TALON_NATS_IMAGE_ARCHIVE"),
         }
         # keep them: a concurrent `make image` may delete the archives it replaces
         kept = self.state_dir / "images"
@@ -607,7 +627,7 @@ class Cluster:
         t = time.monotonic()
         pause = kept / "pause.tar"
         derive_pause_archive(archives["demo"], pause, SANDBOX_IMAGE)
-        for archive in (pause, archives["demo"], archives["talon"]):
+        for archive in (pause, archives["demo"], archives["talon"], archives["nats"]):
             _run([*self.ctr(state), "images", "import", str(archive)])
         _log(f"images imported in {time.monotonic() - t:.1f}s")
         self._start_kubelet(state)
@@ -970,7 +990,8 @@ disabled_plugins = [
     def helm_install(
         self, values: Sequence[Path] = (VALUES,), *, wait: bool = True, timeout: str = "5m"
     ) -> None:
-        """``helm upgrade --install`` the chart into :data:`TALON_NAMESPACE`."""
+        """``helm upgrade --install`` the chart into :data:`TALON_NAMESPACE`; with ``wait``,
+        until the release is ready and every falco-talon replica has connected to NATS."""
         self._unstick_release()
         args = [
             *self.helm(),
@@ -987,6 +1008,8 @@ disabled_plugins = [
         if wait:
             args += ["--wait", "--timeout", timeout]
         _run(args, timeout=600)
+        if wait:
+            self.wait_talon_ready(self.talon_url())
         # a reinstalled Service gets another ClusterIP: keep TALON_URL in the env file current
         state = self.load_state()
         if state.get("installed"):
@@ -1015,18 +1038,77 @@ disabled_plugins = [
     def _install(self, state: dict[str, Any]) -> None:
         t = time.monotonic()
         apply_demo(self)
-        self.helm_install()
+        self.ensure_nats_volume()
+        self.helm_install()  # waits for every replica to answer and to have connected to NATS
         state["talon_url"] = self.talon_url()
-        self._poll(
-            f"falco-talon answering at {state['talon_url']}/healthz",
-            lambda: self._http_ok(f"{state['talon_url']}/healthz"),
-            timeout=120,
-        )
         wait_demo_ready(self)
         state["installed"] = True
         self._save_state(state)
         self._write_env(state)
         _log(f"chart and demo workloads ready in {time.monotonic() - t:.1f}s: {state['talon_url']}")
+
+    def wait_talon_ready(self, url: str, timeout: float = 120) -> None:
+        """falco-talon answers /healthz through its Service and every replica has connected
+        to NATS (until then a replica answers events 503)."""
+        from kubernetes import client
+
+        self._poll(
+            f"falco-talon answering at {url}/healthz",
+            lambda: self._http_ok(f"{url}/healthz"),
+            timeout=timeout,
+        )
+        with self.api() as api:
+            core: Any = client.CoreV1Api(api)
+
+            def connected() -> bool:
+                pods = [
+                    p
+                    for p in core.list_namespaced_pod(
+                        TALON_NAMESPACE, label_selector=TALON_SELECTOR
+                    ).items
+                    if p.metadata.deletion_timestamp is None
+                ]
+                return bool(pods) and all(
+                    "NATS connected"
+                    in core.read_namespaced_pod_log(p.metadata.name, TALON_NAMESPACE)
+                    for p in pods
+                )
+
+            self._poll("every falco-talon replica connected to NATS", connected, timeout)
+
+    def ensure_nats_volume(self) -> None:
+        """The PersistentVolume the bundled NATS server's claim binds: a directory of the state
+        dir (hostPath), owned by the server's user. Kept across ``helm uninstall`` (as the
+        claim is); a volume released by a deleted claim is made available again."""
+        from kubernetes import client
+
+        persistence = yaml.safe_load(VALUES.read_text())["nats"]["deploy"]["persistence"]
+        path = self.state_dir / "volumes" / NATS_VOLUME
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chown(path, NATS_UID, NATS_UID)
+        pv = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": NATS_VOLUME},
+            "spec": {
+                "capacity": {"storage": persistence["size"]},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": persistence["storageClassName"],
+                "hostPath": {"path": str(path), "type": "Directory"},
+            },
+        }
+        with self.api() as api:
+            core: Any = client.CoreV1Api(api)
+            try:
+                current = core.read_persistent_volume(NATS_VOLUME)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+                core.create_persistent_volume(pv)
+                return
+            if current.status.phase == "Released":
+                core.patch_persistent_volume(NATS_VOLUME, {"spec": {"claimRef": None}})
 
     def talon_url(self) -> str:
         from kubernetes import client

@@ -55,6 +55,7 @@ async def start_talon(
     *,
     tracing: Tracing | None = None,
     trace_url: str = "",
+    workers: int = 4,
 ) -> Talon:
     actionners, notifiers = load_plugins()
     path = tmp_path / "rules.yaml"
@@ -82,7 +83,7 @@ async def start_talon(
         return run
 
     pipeline.process = recording  # type: ignore[method-assign]
-    service = Service(pipeline, workers=4, tracing=tracing)
+    service = Service(pipeline, workers=workers, tracing=tracing)
     await service.start()
     client = await aiohttp_client(create_app(service))
     return Talon(client, service, runs)

@@ -79,3 +79,30 @@ async def test_the_seed_rules_isolate_and_inspect_before_they_terminate(
     assert forensics["exit_code"] == 0
     assert forensics["stdout"].startswith(f"forensics for {rs.pods[0]}\n")
     assert cluster.get_pod(rs.pods[0]) is None
+
+
+async def test_execs_running_at_the_same_time_leave_the_shared_client_working(
+    aiohttp_client: Any, tmp_path: Path, kube: KubeApi, cluster: Cluster
+) -> None:
+    """The client library's exec swaps the transport of the ApiClient it is given for a
+    websocket while it connects; on the client every other call shares, two execs starting
+    together left it swapped for good, and every later call of the replica failed
+    ("Handshake status 200 OK"). Execs and label patches interleaved, then a plain read."""
+    cluster.standalone("shell", {"app": "web"})
+    rules = (
+        "- name: forensics\n  match: {rules: [exec me]}\n  action:\n"
+        "    name: kubernetes:exec\n    parameters: {command: 'sleep 0.2; echo done'}\n"
+        "- name: mark\n  match: {rules: [label me]}\n  action:\n"
+        "    name: kubernetes:labelize\n    parameters: {labels: {marked: 'yes'}}\n"
+    )
+    talon = await start_talon(aiohttp_client, tmp_path, rules, workers=16)
+    for i in range(24):
+        event = event_for("shell", cluster.ns, rule="exec me" if i % 2 else "label me")
+        event["uuid"] = f"00000000-0000-4000-8000-{i:012d}"
+        resp = await talon.client.post("/", json=event)
+        assert resp.status == 202, await resp.text()
+    await talon.service.queue.join()
+    assert len(talon.runs) == 24
+    bad = [outcomes(run) for run in talon.runs if outcomes(run)[0][1] != "succeeded"]
+    assert not bad, bad
+    assert (await kube.read_pod(cluster.ns, "shell")).metadata.labels["marked"] == "yes"

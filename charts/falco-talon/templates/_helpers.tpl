@@ -50,6 +50,62 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The bundled NATS server (nats.deploy): its names and labels. */}}
+{{- define "falco-talon.nats.fullname" -}}
+{{- printf "%s-nats" (include "falco-talon.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "falco-talon.nats.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "falco-talon.name" . | trunc 58 | trimSuffix "-" }}-nats
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "falco-talon.nats.labels" -}}
+helm.sh/chart: {{ include "falco-talon.chart" . }}
+{{ include "falco-talon.nats.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.nats.deploy.image.tag | quote }}
+app.kubernetes.io/component: queue
+app.kubernetes.io/part-of: falco
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+The NATS URL falco-talon uses: nats.url, or the bundled server's client Service (its pinned
+ClusterIP when nats.deploy.service.clusterIP is set, else its DNS name); empty: none, the
+in-memory queue of one process.
+*/}}
+{{- define "falco-talon.natsUrl" -}}
+{{- $nats := .Values.nats }}
+{{- if $nats.deploy.enabled }}
+{{- if $nats.url }}
+{{- fail "nats.url and nats.deploy.enabled are both set: use a NATS server of yours (nats.url) or the chart's (nats.deploy.enabled), not both" }}
+{{- end }}
+{{- $host := printf "%s.%s.svc" (include "falco-talon.nats.fullname" .) .Release.Namespace }}
+{{- with $nats.deploy.service.clusterIP }}{{ $host = . }}{{ end }}
+{{- printf "nats://%s:%d" $host (int $nats.deploy.service.port) }}
+{{- else }}
+{{- $nats.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+Values that cannot work together fail the install here, with the reason (included by the
+Deployment, so `helm template` fails too).
+*/}}
+{{- define "falco-talon.validate" -}}
+{{- $nats := .Values.nats }}
+{{- $url := include "falco-talon.natsUrl" . }}
+{{- if and (gt (int .Values.replicaCount) 1) (not $url) }}
+{{- fail (printf "replicaCount: %d needs a queue the replicas share: set nats.url (a NATS server with JetStream) or nats.deploy.enabled=true (one run by the chart). With the in-memory queue each replica would deduplicate and throttle on its own: the same event sent twice, or a storm spread over the replicas, would be acted on by each of them" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and (not $url) (or $nats.auth.tokenSecretName $nats.tls.caSecretName $nats.tls.certSecretName) }}
+{{- fail "nats.auth / nats.tls name Secrets but no NATS server is configured: set nats.url or nats.deploy.enabled" }}
+{{- end }}
+{{- if and $nats.deploy.enabled (or $nats.tls.caSecretName $nats.tls.certSecretName) }}
+{{- fail "nats.tls with nats.deploy.enabled: the chart's NATS server speaks plain nats:// inside the cluster (use nats.auth.tokenSecretName, and a NetworkPolicy); for TLS run a NATS server of yours and set nats.url" }}
+{{- end }}
+{{- end }}
+
 {{/*
 The configuration file, as rendered into the Secret. kubeConfig is forced empty (in-cluster
 credentials) and rulesFile to the rules ConfigMap's mount (the command line passes the same
@@ -92,6 +148,27 @@ quota: "auto"); without a limit, the server's default (one), not one per CPU of 
 {{- $_ := set $config "otel" $otel }}
 {{- else if .Values.otel.clientCertificate }}
 {{- fail "otel.clientCertificate needs otel.tlsSecretName (the Secret holding tls.crt and tls.key)" }}
+{{- end }}
+{{- /* The nats section is the chart's: from nats.*, its Secrets mounted as directories. */}}
+{{- $url := include "falco-talon.natsUrl" . }}
+{{- if $url }}
+{{- $n := .Values.nats }}
+{{- $nats := dict "url" $url "stream" $n.stream "subject" $n.subject "ackWait" $n.ackWait "maxDeliver" $n.maxDeliver }}
+{{- if $n.auth.tokenSecretName }}
+{{- $_ := set $nats "tokenFile" (printf "/etc/falco-talon/nats/auth/%s" $n.auth.tokenKey) }}
+{{- end }}
+{{- $natsTls := dict }}
+{{- if $n.tls.caSecretName }}
+{{- $_ := set $natsTls "caFile" (printf "/etc/falco-talon/nats/ca/%s" $n.tls.caKey) }}
+{{- end }}
+{{- if $n.tls.certSecretName }}
+{{- $_ := set $natsTls "certFile" "/etc/falco-talon/nats/tls/tls.crt" }}
+{{- $_ := set $natsTls "keyFile" "/etc/falco-talon/nats/tls/tls.key" }}
+{{- end }}
+{{- if $natsTls }}
+{{- $_ := set $nats "tls" $natsTls }}
+{{- end }}
+{{- $_ := set $config "nats" $nats }}
 {{- end }}
 {{- if and .Values.tls.clientCASecretName (not (.Values.config | default dict).probesPort) }}
 {{- fail "mutual TLS (tls.clientCASecretName) needs config.probesPort: the kubelet's probes and Prometheus have no client certificate" }}
@@ -187,4 +264,23 @@ declarations do not know fails the install: its permissions would be unknown.
 {{- $rules = append $rules (dict "apiGroups" (list (index $parts 0)) "resources" (get $grouped $gkey) "verbs" (splitList "," (index $parts 1))) }}
 {{- end }}
 {{- toYaml $rules }}
+{{- end }}
+
+{{/*
+The pods' affinity: .Values.affinity when set; else, with more than one replica, a preferred
+anti-affinity on the node (a node lost takes one replica, not all); else none.
+*/}}
+{{- define "falco-talon.affinity" -}}
+{{- if .Values.affinity }}
+{{- toYaml .Values.affinity }}
+{{- else if gt (int .Values.replicaCount) 1 }}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "falco-talon.selectorLabels" . | nindent 12 }}
+{{- end }}
 {{- end }}
