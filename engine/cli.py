@@ -276,6 +276,7 @@ def _nats_queue(settings: Settings, tracing: Any, metrics: Any) -> tuple[Any, An
             subject=n.subject,
             token=n.token,
             token_file=n.token_file,
+            nkey_seed_file=n.nkey_seed_file,
             tls=dict(n.tls),
             ack_wait=n.ack_wait,
             max_deliver=n.max_deliver,

@@ -98,6 +98,7 @@ class NatsConfig:
     subject: str = "falco-talon.events"
     token: str = ""
     token_file: str = ""
+    nkey_seed_file: str = ""
     tls: dict[str, str] = field(default_factory=dict)
     ack_wait: float = 30.0
     max_deliver: int = 5
@@ -193,9 +194,17 @@ class NatsQueue:
         ``ConfigError`` (at start-up, not retried)."""
         c = self.config
         token = c.token
+        if c.nkey_seed_file and (token or c.token_file):
+            raise ConfigError("nats: nkeySeedFile and token/tokenFile are exclusive: set one")
         try:
             if not token and c.token_file:
                 token = Path(c.token_file).read_text(encoding="utf-8").strip()
+            if c.nkey_seed_file:
+                seed = Path(c.nkey_seed_file).read_bytes().strip()
+                if not seed.startswith(b"SU"):
+                    raise ConfigError(
+                        f"nats: {c.nkey_seed_file} holds no user NKEY seed (one starting SU)"
+                    )
             context = _ssl_context(c.tls)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"nats: cannot read {exc.filename or 'a TLS file'}: {exc}") from None
@@ -212,6 +221,8 @@ class NatsQueue:
         }
         if token:
             options["token"] = token
+        if c.nkey_seed_file:
+            options["nkeys_seed"] = c.nkey_seed_file  # the client signs the server's nonce
         if context is not None:
             options["tls"] = context
         return options

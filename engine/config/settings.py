@@ -340,6 +340,13 @@ class NatsSettings:
     token_file: str = _opt(
         "tokenFile", "", {"type": "string"}, "File holding the token (instead of token)."
     )
+    nkey_seed_file: str = _opt(
+        "nkeySeedFile",
+        "",
+        {"type": "string"},
+        "File holding the NKEY seed (SU...) to authenticate with, instead of a token: NATS "
+        "knows the user by its public key (U...); the seed never leaves this file.",
+    )
     tls: dict[str, str] = _opt(
         "tls", {}, TLS_FILES_SCHEMA, "TLS to NATS: caFile, certFile, keyFile."
     )

@@ -35,7 +35,7 @@ DECLARATIONS_HEADER = (
 # (from the values' own `nats` section).
 CHART_OWNED_CONFIG_KEYS = ("kubeConfig", "rulesFile", "nats")
 # Keys of the server's nats section the chart sets from Secrets (files), never from values.
-NATS_CREDENTIAL_KEYS = ("token", "tokenFile", "tls")
+NATS_CREDENTIAL_KEYS = ("token", "tokenFile", "nkeySeedFile", "tls")
 
 
 def cli_declarations() -> str:

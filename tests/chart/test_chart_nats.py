@@ -127,6 +127,27 @@ def test_with_a_nats_url_the_config_names_it_and_the_secrets_mounted_as_files(
     assert settings.nats.token == "" and settings.nats.token_file.endswith("/token")
 
 
+def test_an_nkey_seed_from_a_secret_is_mounted_and_named_in_the_config(
+    helm: Helm, tmp_path: Path
+) -> None:
+    rendered = render(
+        helm,
+        tmp_path,
+        {"nats": {"url": "nats://nats.example:4222", "auth": {"nkeySecretName": "talon-nkey"}}},
+    )
+    assert rendered.config()["nats"]["nkeySeedFile"] == "/etc/falco-talon/nats/nkey/user.nk"
+    assert "tokenFile" not in rendered.config()["nats"]
+    pod = pod_spec(rendered)
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert secrets["nats-nkey"] == {
+        "secretName": "talon-nkey",
+        "items": [{"key": "user.nk", "path": "user.nk"}],
+    }
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["nats-nkey"] == "/etc/falco-talon/nats/nkey"
+
+
 def test_several_replicas_get_a_disruption_budget_and_spread_over_nodes(
     external: Rendered,
 ) -> None:
@@ -199,8 +220,29 @@ def test_the_values_nats_section_covers_the_server_s_but_its_credentials() -> No
         ),
         ({"nats": {"auth": {"token": "s3cret"}}}, "token"),  # never a plain credential
         ({"nats": {"url": "http://nats:4222"}}, "url"),
+        (
+            {
+                "nats": {
+                    "url": "nats://x:4222",
+                    "auth": {"tokenSecretName": "t", "nkeySecretName": "k"},
+                }
+            },
+            "NATS takes one way to authenticate",
+        ),
+        (
+            {"nats": {"deploy": {"enabled": True}, "auth": {"nkeySecretName": "k"}}},
+            "NKEYs are for a NATS server of yours",
+        ),
     ],
-    ids=["url-and-deploy", "secret-without-nats", "tls-to-bundled", "plain-token", "bad-url"],
+    ids=[
+        "url-and-deploy",
+        "secret-without-nats",
+        "tls-to-bundled",
+        "plain-token",
+        "bad-url",
+        "token-and-nkey",
+        "nkey-to-bundled",
+    ],
 )
 def test_incoherent_nats_values_are_refused(
     helm: Helm, tmp_path: Path, values: dict[str, Any], complaint: str

@@ -79,3 +79,27 @@ def test_a_bad_throttle_is_reported(tmp_path: Path) -> None:
     out = result.output
     assert "throttle.max" in out and "throttle.per" in out and "throttle.within" in out
     assert "is not a duration" in out
+
+
+@pytest.mark.parametrize(
+    ("seed", "token", "complaint"),
+    [
+        (b"SUAKZ-not-checked-here", "t0ken", "nkeySeedFile and token/tokenFile are exclusive"),
+        (b"-----BEGIN PRIVATE KEY-----", "", "holds no user NKEY seed"),
+        (None, "", "cannot read"),
+    ],
+    ids=["with-a-token", "not-a-seed", "missing"],
+)
+def test_an_unusable_nkey_seed_file_stops_the_start_with_the_reason(
+    tmp_path: Path, seed: bytes | None, token: str, complaint: str
+) -> None:
+    from engine.natsqueue import NatsConfig, NatsQueue
+
+    path = tmp_path / "user.nk"
+    if seed is not None:
+        path.write_bytes(seed)
+    queue = NatsQueue(NatsConfig("nats://127.0.0.1:4222", token=token, nkey_seed_file=str(path)))
+    with pytest.raises(ConfigError) as err:
+        queue._connect_options()
+    assert complaint in str(err.value)
+    assert "SUAKZ" not in str(err.value) and "t0ken" not in str(err.value)

@@ -56,12 +56,15 @@ class TestNats:
         state_dir: Path,
         *,
         token: str = "",
+        nkey: str = "",
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.token = token
+        self.nkey = nkey
+        """A user's public NKEY (U...): the only user the server accepts."""
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.startup_timeout = startup_timeout
         self.port = free_port()
@@ -84,6 +87,8 @@ class TestNats:
         ]
         if self.token:
             lines += ["authorization {", f'  token: "{self.token}"', "}"]
+        if self.nkey:
+            lines += ["authorization {", f'  users: [{{nkey: "{self.nkey}"}}]', "}"]
         if self.tls:
             lines += ["tls {", f'  cert_file: "{self.tls[0]}"', f'  key_file: "{self.tls[1]}"', "}"]
         path = self.state_dir / "nats.conf"

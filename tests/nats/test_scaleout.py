@@ -284,3 +284,42 @@ def test_token_in_a_file_and_tls_to_nats_and_a_wrong_token_refuses_events(
         assert not any(t in text for t in ("s3cret", "n0t-the") for text in logs)
     finally:
         server.kill()
+
+
+def test_an_nkey_seed_authenticates_and_a_wrong_one_refuses_events(
+    tmp_path: Path, nats_built: Path, replicas: list[Replica]
+) -> None:
+    """NATS knows the user by its public NKEY only; the replica holding the seed connects
+    and its events run; one with another user's seed is refused (503), and no seed is
+    written to a log."""
+    import os
+
+    import nkeys
+
+    def seed() -> bytes:
+        return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+
+    allowed, other = seed(), seed()
+    public = nkeys.from_seed(bytearray(allowed)).public_key.decode()
+    server = TestNats(tmp_path / "nats", nkey=public)
+    server.start()
+    try:
+        (tmp_path / "user.nk").write_bytes(allowed + b"\n")
+        (tmp_path / "other.nk").write_bytes(other)
+        good = Replica(
+            tmp_path, "good", nats_config(server, nkeySeedFile=str(tmp_path / "user.nk")), MARK % 0
+        )
+        replicas.append(good.start())
+        sent = event()
+        assert post(good.url, sent)[0] == 202
+        wait_until(lambda: good.finished()[sent["uuid"]] == 1, 20, "the event to finish")
+        bad = Replica(
+            tmp_path, "bad", nats_config(server, nkeySeedFile=str(tmp_path / "other.nk")), MARK % 0
+        )
+        replicas.append(bad.start(wait_for="listening"))
+        wait_until(lambda: bad.count("Authorization Violation") >= 1, 20, "the refusal")
+        assert post(bad.url, event())[0] == 503
+        logs = bad.log_path.read_text() + good.log_path.read_text()
+        assert allowed.decode() not in logs and other.decode() not in logs
+    finally:
+        server.kill()

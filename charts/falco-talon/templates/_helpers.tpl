@@ -98,8 +98,14 @@ Deployment, so `helm template` fails too).
 {{- if and (gt (int .Values.replicaCount) 1) (not $url) }}
 {{- fail (printf "replicaCount: %d needs a queue the replicas share: set nats.url (a NATS server with JetStream) or nats.deploy.enabled=true (one run by the chart). With the in-memory queue each replica would deduplicate and throttle on its own: the same event sent twice, or a storm spread over the replicas, would be acted on by each of them" (int .Values.replicaCount)) }}
 {{- end }}
-{{- if and (not $url) (or $nats.auth.tokenSecretName $nats.tls.caSecretName $nats.tls.certSecretName) }}
+{{- if and (not $url) (or $nats.auth.tokenSecretName $nats.auth.nkeySecretName $nats.tls.caSecretName $nats.tls.certSecretName) }}
 {{- fail "nats.auth / nats.tls name Secrets but no NATS server is configured: set nats.url or nats.deploy.enabled" }}
+{{- end }}
+{{- if and $nats.auth.tokenSecretName $nats.auth.nkeySecretName }}
+{{- fail "nats.auth.tokenSecretName and nats.auth.nkeySecretName: NATS takes one way to authenticate, set one" }}
+{{- end }}
+{{- if and $nats.deploy.enabled $nats.auth.nkeySecretName }}
+{{- fail "nats.auth.nkeySecretName with nats.deploy.enabled: the chart's NATS server authenticates with a token (nats.auth.tokenSecretName); NKEYs are for a NATS server of yours (nats.url)" }}
 {{- end }}
 {{- if and $nats.deploy.enabled (or $nats.tls.caSecretName $nats.tls.certSecretName) }}
 {{- fail "nats.tls with nats.deploy.enabled: the chart's NATS server speaks plain nats:// inside the cluster (use nats.auth.tokenSecretName, and a NetworkPolicy); for TLS run a NATS server of yours and set nats.url" }}
@@ -156,6 +162,9 @@ quota: "auto"); without a limit, the server's default (one), not one per CPU of 
 {{- $nats := dict "url" $url "stream" $n.stream "subject" $n.subject "ackWait" $n.ackWait "maxDeliver" $n.maxDeliver }}
 {{- if $n.auth.tokenSecretName }}
 {{- $_ := set $nats "tokenFile" (printf "/etc/falco-talon/nats/auth/%s" $n.auth.tokenKey) }}
+{{- end }}
+{{- if $n.auth.nkeySecretName }}
+{{- $_ := set $nats "nkeySeedFile" (printf "/etc/falco-talon/nats/nkey/%s" $n.auth.nkeyKey) }}
 {{- end }}
 {{- $natsTls := dict }}
 {{- if $n.tls.caSecretName }}
