@@ -36,7 +36,9 @@ async def test_an_apiserver_outage_is_retried_reported_and_survived(
             run = await talon.send(event_for(rs.pods[0], cluster.ns, uuid="during-outage"))
         [(rule, outcome, reason)] = outcomes(run)
         assert (rule, outcome) == ("kill", "failed")
-        assert reason.startswith(f"get pod {cluster.ns}/{rs.pods[0]}: Kubernetes API unreachable")
+        # terminate's one call (no GET before it): the DELETE, retried, then reported
+        pod = f"{cluster.ns}/{rs.pods[0]}"
+        assert reason.startswith(f"delete pod {pod}: Kubernetes API unreachable")
         assert reason.endswith("after 3 attempt(s)")
         retries = [r for r in caplog.records if "retry" in r.getMessage()]
         assert len(retries) == 2
