@@ -249,7 +249,16 @@ if [[ $KIND == talon ]]; then
     SITE=$R$VENV/lib/$PY/site-packages
     common=(--target "$SITE" --python-version 3.11 --python-platform x86_64-manylinux_2_36
         --only-binary :all: --link-mode copy --no-config --quiet)
+    # Every dependency from a wheel, but those published only as a source archive (pure
+    # Python: SDIST_ONLY), built here, hash-checked like the rest.
+    SDIST_ONLY=(nkeys)
+    python3 "$ROOT/image/split_requirements.py" "$WORK/requirements.txt" "$WORK/sdist-only.txt" \
+        "${SDIST_ONLY[@]}"
     "${UV[@]}" pip install "${common[@]}" --require-hashes -r "$WORK/requirements.txt"
+    if [[ -s $WORK/sdist-only.txt ]]; then
+        "${UV[@]}" pip install "${common[@]/:all:/:none:}" --require-hashes --no-deps \
+            -r "$WORK/sdist-only.txt"
+    fi
     "${UV[@]}" pip install "${common[@]}" --no-deps "$WORK"/dist/*.whl
     rm -rf "$SITE/bin" # uv's scripts carry the build host's interpreter path
     cat >"$R$VENV/bin/falco-talon" <<EOF
