@@ -6,14 +6,13 @@ Shares the debootstrap base with the falco-talon image (a no-op or ~25 s when th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.image.test_image import ROOT, podman_command
+from tests.image.test_image import build_image, podman_command
 
 pytestmark = pytest.mark.image
 
@@ -22,17 +21,7 @@ REF = "docker.io/falcosecurity/falco-talon-demo:bookworm"
 
 @pytest.fixture(scope="module")
 def archive() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("building the image needs root (debootstrap, chroot)")
-    proc = subprocess.run(
-        ["bash", str(ROOT / "image" / "build.sh"), "demo"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return build_image("demo")
 
 
 def test_the_demo_archive_is_named_by_its_full_reference(archive: Path) -> None:

@@ -41,19 +41,25 @@ def _cache() -> Path:
     return Path(os.environ.get("FALCO_TALON_IMAGE_CACHE", f"{base}/falco-talon/images"))
 
 
-@pytest.fixture(scope="module")
-def archive() -> Path:
+def build_image(kind: str) -> Path:
+    """``image/build.sh KIND`` (talon, demo, nats): the archive it printed (skipped without
+    root: buildah storage, debootstrap and chroot need it)."""
     if os.geteuid() != 0:
-        pytest.skip("building the image needs root (debootstrap, chroot)")
+        pytest.skip("building the image needs root (buildah storage, debootstrap, chroot)")
     proc = subprocess.run(
-        ["bash", str(ROOT / "image" / "build.sh"), "talon"],
+        ["bash", str(ROOT / "image" / "build.sh"), kind],
         check=False,
         capture_output=True,
         text=True,
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    path = Path(proc.stdout.strip().splitlines()[-1])
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def archive() -> Path:
+    path = build_image("talon")
     assert path.is_file() and path.parent == _cache()
     return path
 

@@ -22,7 +22,7 @@ import nats
 import pytest
 import yaml
 
-from tests.image.test_image import ROOT, Layout, podman_command
+from tests.image.test_image import ROOT, Layout, build_image, podman_command
 
 pytestmark = pytest.mark.image
 
@@ -39,17 +39,7 @@ def nats_version() -> str:
 
 @pytest.fixture(scope="module")
 def archive() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("building the image needs root (buildah storage)")
-    proc = subprocess.run(
-        ["bash", str(ROOT / "image" / "build.sh"), "nats"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return build_image("nats")
 
 
 @pytest.fixture(scope="module")
