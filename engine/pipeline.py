@@ -86,6 +86,9 @@ def talon_context(run: EventRun, step: Step) -> dict[str, str]:
     return out
 
 
+_RECEIVED = machine.Stage.RECEIVED.value
+
+
 class _StateSpans:
     """One span per state of a run, each ended when the next state is entered; all built
     only when the trace is sampled (unsampled: not even their attributes are). The
@@ -96,11 +99,9 @@ class _StateSpans:
         self.trace = trace
         self.parent = parent
         self.event_id = event.id
-        self.state = machine.Stage.RECEIVED.value
+        self.state = _RECEIVED
         self.current = (
-            trace.start(machine.Stage.RECEIVED.value, parent, **_event_attributes(event))
-            if trace.sampled
-            else NO_SPAN
+            trace.start(_RECEIVED, parent, **_event_attributes(event)) if trace.sampled else NO_SPAN
         )
         self.rule_span: SpanRecord = NO_SPAN
         self.rule: Rule | None = None
@@ -394,7 +395,6 @@ class Pipeline:
                     talon__ignore_errors=step.action.ignore_errors,
                 )
             span = trace.start(actionner, state, **attributes)
-        slog = elog.bind(rule=rule.name, action=actionner)
         started = time.perf_counter()
         if step.action is not None and rule.dry_run:
             result = ActionResult(Outcome.PLANNED, RULE_DRY_RUN_REASON, target=target)
@@ -404,30 +404,34 @@ class Pipeline:
             result = ActionResult(Outcome.SKIPPED, throttled, target=target)
         else:
             with activate(trace, span):
-                result = await self._call(run, step, span, slog)
+                result = await self._call(run, step, span, elog)
         step.duration = time.perf_counter() - started
         step.result = result
         step.outcome = result.outcome
         step.reason = result.reason
+        outcome = result.outcome.value
         if span is not NO_SPAN:
-            span.set(talon__outcome=result.outcome.value, talon__reason=result.reason)
+            span.set(talon__outcome=outcome, talon__reason=result.reason)
         if result.outcome is Outcome.FAILED:
             span.fail(result.reason)
         span.end()
-        self._count_action(actionner, result.outcome, step.duration)
+        if self.metrics is not None:
+            self.metrics.action(actionner, outcome, step.duration)
         level = logging.WARNING if result.outcome is Outcome.FAILED else logging.INFO
-        if not slog.isEnabledFor(level):
+        if not elog.isEnabledFor(level):
             return
-        slog.log(
+        elog.log(
             level,
             "%s %s: %s%s",
             actionner,
-            result.outcome.value,
+            outcome,
             rule.name,
             f" ({result.reason})" if result.reason else "",
             fields={
+                "rule": rule.name,
+                "action": actionner,
                 "stage": step.stage.value,
-                "outcome": result.outcome.value,
+                "outcome": outcome,
                 "duration_ms": round(step.duration * 1000, 3),
             },
         )
@@ -441,12 +445,13 @@ class Pipeline:
         return decided
 
     async def _call(
-        self, run: EventRun, step: Step, span: SpanRecord, slog: EventLogger
+        self, run: EventRun, step: Step, span: SpanRecord, elog: EventLogger
     ) -> ActionResult:
         """Run the step's actionner under its handler policy: one timeout for the whole
         step, a ``TemporaryError`` retried with backoff up to the policy's attempts."""
         rule = step.rule
         actionner = step.actionner
+        slog = elog.bind(rule=rule.name, action=actionner)
         target = run.event.target
         spec = self.actionners.get(actionner)
         if spec is None:

@@ -12,6 +12,10 @@ import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+UNKNOWN_FILE = "(unknown file)"
+"""The source file of every record: no format prints it, and finding it costs (``logging``
+writes the same when ``logging._srcfile`` is None, as ``setup_logging`` sets it)."""
+
 
 class EventLogger(logging.LoggerAdapter[logging.Logger]):
     """``logger`` with ``fields`` (event_id, trace_id, rule, action, ...) on every record."""
@@ -27,6 +31,25 @@ class EventLogger(logging.LoggerAdapter[logging.Logger]):
     def fields(self) -> Mapping[str, Any]:
         extra: Mapping[str, Any] = self.extra or {}
         return extra
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        """As ``LoggerAdapter.log``, without its three layers of calls for the usual line
+        (``fields`` only; ``exc_info``, ``extra`` and the rest take the standard path): an
+        event writes several lines, and these layers were a quarter of each one's cost."""
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return
+        more = kwargs.pop("fields", None)
+        if kwargs:
+            super().log(level, msg, *args, fields=more, **kwargs)
+            return
+        bound = self.fields
+        fields = {**bound, **more} if more else dict(bound)
+        logger.handle(
+            logger.makeRecord(
+                logger.name, level, UNKNOWN_FILE, 0, msg, args, None, extra={"fields": fields}
+            )
+        )
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         more = kwargs.pop("fields", None)

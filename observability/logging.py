@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from observability.eventlog import UNKNOWN_FILE
 from observability.spans import current_ids
 
 FORMATS = ("color", "text", "json")
@@ -37,6 +40,74 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
         if span_id:
             out["span_id"] = span_id
     return out
+
+
+class _Record(logging.LogRecord):
+    """A log record made without what no format here prints: ``logging.LogRecord`` works
+    out the file name and module of a source file that is never looked up
+    (``logging._srcfile`` is None), and the thread and process names that are switched off.
+    Everything a formatter or a caller's handler reads is set, as ``LogRecord`` sets it."""
+
+    def __init__(
+        self,
+        name: str,
+        level: int,
+        pathname: str,
+        lineno: int,
+        msg: object,
+        args: Any,
+        exc_info: Any,
+        func: str | None = None,
+        sinfo: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if pathname != UNKNOWN_FILE or logging.logThreads or logging.logProcesses:
+            super().__init__(name, level, pathname, lineno, msg, args, exc_info, func, sinfo)
+            return
+        now = time.time_ns()
+        self.name = name
+        self.msg = msg
+        if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+            args = args[0]
+        self.args = args
+        self.levelname = logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = self.filename = pathname
+        self.module = "Unknown module"
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func  # type: ignore[assignment]  # None, as LogRecord leaves it
+        self.created = now / 1e9
+        self.msecs = float((now % 1_000_000_000) // 1_000_000)
+        self.relativeCreated = (self.created - logging._startTime) * 1000  # type: ignore[attr-defined]
+        self.thread = self.threadName = None
+        self.processName = self.process = None
+        self.taskName = None
+
+
+class _Lines(logging.StreamHandler):  # type: ignore[type-arg]
+    """One line per record on the stream, written at once (logs are the audit trail: a
+    line is on its way out before the next event is taken, even if the process is killed
+    right after), with the trace and span ids of the task that logs
+    (:class:`TraceIds`, inline: ``Handler.handle``'s filter, lock and flush layers cost
+    more than the write)."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        record.trace_ids = current_ids()
+        if self.filters and not self.filter(record):  # a caller's own filters, if any
+            return False
+        try:
+            line = self.format(record) + self.terminator
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line)
+                self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+        return True
 
 
 class TraceIds(logging.Filter):
@@ -111,7 +182,7 @@ def setup_logging(fmt: str = "color", level: int | str = logging.INFO) -> None:
     """Configure the root logger once for the process."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Lines(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -122,10 +193,10 @@ def setup_logging(fmt: str = "color", level: int | str = logging.INFO) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    logging.setLogRecordFactory(_Record)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler.addFilter(TraceIds())
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -21,6 +21,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -96,6 +97,33 @@ class _Spans(Collector):
         yield family
 
 
+class _LoopValue:
+    """prometheus-client's value for one sample of one process, without the lock its own
+    takes on every increment (~40% of the cost of counting an event): every count here is
+    made on the event loop's thread, and a scrape only reads. The signature is
+    ``prometheus_client.values``' own."""
+
+    _multiprocess = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        return None
+
+    def get(self) -> float:
+        return self.value
+
+    def get_exemplar(self) -> Any:
+        return None
+
+
 class Metrics:
     """The process's metrics, in a registry of their own (one per service, one per test)."""
 
@@ -104,6 +132,8 @@ class Metrics:
         """Several server processes: values go to the shared directory, scrapes sum them."""
         if self.shared:
             multiprocess.enable()
+        else:
+            values.ValueClass = _LoopValue
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events_received = Counter(

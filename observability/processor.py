@@ -48,18 +48,15 @@ class BatchProcessor:
     def submit(self, trace: Trace) -> None:
         """Queue the trace's finished spans (the spans still open stay on the trace)."""
         queue = self._queue
-        remaining = []
-        for record in trace.spans:
-            if record.end_ns:
-                queue.append((trace.trace_id, trace.remote_parent, record))
-            else:
-                remaining.append(record)
-        trace.spans = remaining
+        spans = trace.spans
+        trace_id, remote = trace.trace_id, trace.remote_parent
+        queue.extend([(trace_id, remote, r) for r in spans if r.end_ns])
+        trace.spans = [r for r in spans if not r.end_ns]
         if len(queue) > self._max_queue:
             while len(queue) > self._max_queue:
                 queue.popleft()
                 self.dropped += 1
-        if len(queue) >= self._max_batch:
+        if len(queue) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
     def start(self) -> None:

@@ -27,6 +27,6 @@ def to_row(trace_id: int, remote_parent: int | None, r: SpanRecord) -> Row:
         r.end_ns,
         r.kind.value,
         r.attributes,
-        r.events,
+        r.events or (),
         r.error,
     )
