@@ -7,7 +7,10 @@ Not a test: numbers go in notes and the README, targets are compared, nothing as
 * dry-run end to end through the state machine (no HTTP);
 * HTTP ingest: a load generator in another process (wrk if installed, else bench/loadgen.py)
   with 50 concurrent connections against ``falco-talon server`` in dry-run, with one server
-  process and with ``--processes auto``;
+  process and with ``--processes auto``, with examples/rules.yaml (four steps an event) and
+  with one labelling rule; beside it the floor: aiohttp alone answering 202
+  (bench/aiohttp_floor.py), one process and two;
+* HTTP ingest with tracing on, exporting to a local Jaeger, beside the same run off;
 * memory: peak RSS, and RSS after 100,000 events (growth shows a leak).
 """
 
@@ -591,23 +594,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LABEL_RULE = (
+    "- name: label\n  match: {rules: [Terminal shell in container]}\n"
+    "  action: {name: kubernetes:label, parameters: {labels: {suspicious: 'true'}}}\n"
+)
+"""One rule that labels (run dry): the kind of rule issue #13's side-by-side measured."""
+
+
 def bench_ingest(
-    seconds: int = 10, connections: int = 50, processes: int | str = 1
+    seconds: int = 10,
+    connections: int = 50,
+    processes: int | str = 1,
+    *,
+    rules: Path = ROOT / "examples" / "rules.yaml",
+    env: dict[str, str] | None = None,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    """``processes``: the server's ``--processes`` (1, a number, or auto)."""
+    """``processes``: the server's ``--processes`` (1, a number, or auto); ``rules``: the
+    rules file (default: examples/rules.yaml, four rules an event matches, four steps);
+    ``env``: more of the server's environment (tracing); ``floor``: measure
+    bench/aiohttp_floor.py instead of falco-talon (``processes`` a number)."""
     port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 - unread; a pipe would fill and stall the server
-    env = {
+    server_env = {
         **os.environ,
         "LOGFORMAT": "json",
         "LOGLEVEL": "info",
         "WATCHRULES": "false",
         "QUEUESIZE": "10000",
         "DEFAULTNOTIFIERS": "",
+        **(env or {}),
     }  # ingest and the machine, no cluster
-    server = start_server(
-        ROOT / "examples" / "rules.yaml", port, env, log, "--dry-run", "--processes", str(processes)
-    )
+    if floor:
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "aiohttp_floor.py"), str(port), str(processes)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    else:
+        server = start_server(
+            rules, port, server_env, log, "--dry-run", "--processes", str(processes)
+        )
     try:
         _wait_port(port)
         pids = _server_pids(server.pid, port)
@@ -615,7 +643,10 @@ def bench_ingest(
         cpu_before = sum(_cpu_seconds(p) for p in pids)
         wrk = shutil.which("wrk")
         if wrk:
-            result = _wrk(wrk, port, seconds, connections, template)
+            # One wrk thread per server process: one thread's ~6,000 requests/s here would
+            # cap the floor's two processes.
+            threads = max(1, len(pids) - 1)
+            result = _wrk(wrk, [port] * threads, seconds, connections, template)
         else:
             result = _loadgen(port, seconds, connections, template)
         cores = (sum(_cpu_seconds(p) for p in pids) - cpu_before) / seconds
@@ -626,11 +657,58 @@ def bench_ingest(
         result["server_peak_rss_kib"] = peaks[0] if len(pids) == 1 else peaks[1:]
         if len(pids) > 1:
             result["supervisor_peak_rss_kib"] = peaks[0]
+        if env and env.get("OTEL_ENABLED") == "true":
+            result["spans"] = _spans_counted(port)
     finally:
         server.terminate()
         server.wait(60)
         log.close()
     return result
+
+
+def bench_ingest_traced() -> dict[str, Any]:
+    """Ingest as ``bench_ingest`` measures it, with tracing on, exporting over OTLP/gRPC to
+    a local Jaeger (builtin path: export process; Jaeger on the same two cores), beside the
+    same run with tracing off; the cost is the events/s lost. The spans' outcomes are read
+    from the server's /metrics after the run (every span exported, none dropped)."""
+    from tests.env.jaeger import TestJaeger
+
+    off = bench_ingest()
+    jaeger = TestJaeger()
+    info = jaeger.start()
+    try:
+        env = {"OTEL_ENABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": info.otlp_grpc_endpoint}
+        on = bench_ingest(env=env)
+    finally:
+        jaeger.stop()
+    return {
+        "off_events_per_s": off["requests_per_s"],
+        "off_p99_ms": off["p99_ms"],
+        "jaeger_events_per_s": on["requests_per_s"],
+        "jaeger_p99_ms": on["p99_ms"],
+        "spans": on.get("spans"),
+        "cost_jaeger_pct": round((1 - on["requests_per_s"] / off["requests_per_s"]) * 100, 1),
+    }
+
+
+def _spans_counted(port: int) -> dict[str, float]:
+    """``falco_talon_spans_total`` by outcome, once the last batches have left."""
+    import urllib.request
+
+    counts: dict[str, float] = {}
+    for _ in range(20):
+        time.sleep(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        now = {
+            line.split('outcome="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("falco_talon_spans_total{")
+        }
+        if now == counts:
+            break
+        counts = now
+    return counts
 
 
 MARK = "__N__"
@@ -811,6 +889,10 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
             ingest["requests_per_s"] >= 8000 and ingest["p99_ms"] < 15
         )
         out["ingest server RSS < 100 MB"] = ingest["server_peak_rss_kib"] < 100 * 1024
+    if "ingest_traced" in results:
+        out["ingest: tracing to local Jaeger costs < 25%"] = (
+            results["ingest_traced"]["cost_jaeger_pct"] < 25
+        )
     if "ingest_processes_auto" in results:
         auto = results["ingest_processes_auto"]
         out["ingest, processes: auto, >= 8000/s, p99 < 15 ms"] = (
@@ -844,6 +926,7 @@ def main() -> None:
         "dry_run",
         "tracing",
         "ingest",
+        "ingest_traced",
         "burst",
         "ingest_jetstream",
         "memory",
@@ -866,6 +949,17 @@ def main() -> None:
     if "ingest" in which:
         results["ingest"] = bench_ingest()
         results["ingest_processes_auto"] = bench_ingest(processes="auto")
+        with tempfile.TemporaryDirectory() as tmp:
+            one_rule = Path(tmp) / "rules.yaml"
+            one_rule.write_text(LABEL_RULE)
+            results["ingest_one_rule"] = bench_ingest(rules=one_rule)
+            results["ingest_one_rule_processes_auto"] = bench_ingest(
+                processes="auto", rules=one_rule
+            )
+        results["aiohttp_floor"] = bench_ingest(processes=1, floor=True)
+        results["aiohttp_floor_2_processes"] = bench_ingest(processes=2, floor=True)
+    if "ingest_traced" in which:
+        results["ingest_traced"] = bench_ingest_traced()
     if "burst" in which:
         results["burst"] = bench_burst()
     if "ingest_jetstream" in which:

@@ -38,10 +38,6 @@ from typing import Any
 import bench
 
 REPLICAS = 2
-LABEL_RULE = (
-    "- name: label\n  match: {rules: [Terminal shell in container]}\n"
-    "  action: {name: kubernetes:label, parameters: {labels: {suspicious: 'true'}}}\n"
-)
 
 
 @contextlib.contextmanager
@@ -159,7 +155,7 @@ def bench_ingest(seconds: int = 10, connections: int = 50, limit: float = 600.0)
         return {"skipped": "needs wrk (make tools): the fallback load generator has one target"}
     workdir = Path(tempfile.mkdtemp(prefix="falco-talon-bench-js-"))
     rules = workdir / "rules.yaml"
-    rules.write_text(LABEL_RULE)
+    rules.write_text(bench.LABEL_RULE)
     env = {
         **os.environ,
         "LOGFORMAT": "json",

@@ -238,16 +238,17 @@ async def post_event(request: web.Request) -> web.Response:
             response = _handed_off(service, event, trace, handed)
     finally:
         root.end()
-    root.set(http__response__status_code=response.status)
-    if event is not None:
-        root.set(
-            talon__event_id=event.id,
-            falco__rule=event.rule,
-            falco__priority=event.priority,
-            falco__source=event.source,
-            falco__hostname=event.hostname,
-        )
-    service.tracing.submit(trace)
+    if trace.sampled:
+        root.set(http__response__status_code=response.status)
+        if event is not None:
+            root.set(
+                talon__event_id=event.id,
+                falco__rule=event.rule,
+                falco__priority=event.priority,
+                falco__source=event.source,
+                falco__hostname=event.hostname,
+            )
+        service.tracing.submit(trace)
     return response
 
 

@@ -116,17 +116,22 @@ NO_SPAN = _NoSpan("", 0, None, 0)
 class Trace:
     """The spans of one event. ``sampled`` False: ids only, nothing recorded."""
 
-    __slots__ = ("remote_parent", "sampled", "spans", "trace_id")
+    __slots__ = ("_hex", "remote_parent", "sampled", "spans", "trace_id")
 
     def __init__(self, trace_id: int, sampled: bool, remote_parent: int | None = None) -> None:
         self.trace_id = trace_id
         self.sampled = sampled
         self.remote_parent = remote_parent
         self.spans: list[SpanRecord] = []
+        self._hex = ""
 
     @property
     def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
+        """The id in hex, as log lines and links print it (formatted once: every log line
+        of the event reads it)."""
+        if not self._hex:
+            self._hex = f"{self.trace_id:032x}"
+        return self._hex
 
     def start(
         self,
