@@ -109,6 +109,29 @@ def _attributes(field: int, attributes: Mapping[str, Any]) -> bytes:
     return b"".join(out)
 
 
+_pack_q = struct.Struct("<Q").pack
+
+# The keys of the Span fields written for every span, each one byte (field << 3 | wire type).
+_TRACE_ID = b"\x0a\x10"  # 1: bytes, 16 of them
+_SPAN_ID = b"\x12\x08"  # 2: bytes, 8
+_PARENT_ID = b"\x22\x08"  # 4: bytes, 8
+_START = b"\x39"  # 7: fixed64
+_END = b"\x41"  # 8: fixed64
+_KINDS = [_key(6, 0) + _varint(kind + 1) for kind in range(5)]  # proto kind = SDK kind + 1
+
+_NAMES: dict[str, bytes] = {}
+"""Encoded span names (field 5): a handful of them, one per state and actionner."""
+
+
+def _name(name: str) -> bytes:
+    data = _NAMES.get(name)
+    if data is None:
+        data = _string(5, name)
+        if len(_NAMES) < 1024:
+            _NAMES[name] = data
+    return data
+
+
 def encode_span(row: Row) -> bytes:
     (
         trace_id,
@@ -124,16 +147,22 @@ def encode_span(row: Row) -> bytes:
         error,
     ) = row
     out = [
-        _bytes(1, trace_id.to_bytes(16, "big")),
-        _bytes(2, span_id.to_bytes(8, "big")),
+        _TRACE_ID,
+        trace_id.to_bytes(16, "big"),
+        _SPAN_ID,
+        span_id.to_bytes(8, "big"),
     ]
     if parent_id:
-        out.append(_bytes(4, parent_id.to_bytes(8, "big")))
-    out.append(_string(5, name))
-    out.append(_key(6, 0) + _varint(kind + 1))  # proto SpanKind = SDK SpanKind + 1
-    out.append(_fixed64(7, start_ns))
-    out.append(_fixed64(8, end_ns))
-    out.append(_attributes(9, attributes))
+        out += (_PARENT_ID, parent_id.to_bytes(8, "big"))
+    out += (
+        _name(name),
+        _KINDS[kind],
+        _START,
+        _pack_q(start_ns),
+        _END,
+        _pack_q(end_ns),
+        _attributes(9, attributes),
+    )
     for event_name, ts, event_attributes in events:
         out.append(
             _bytes(11, _fixed64(1, ts) + _string(2, event_name) + _attributes(3, event_attributes))
@@ -150,7 +179,7 @@ def encode_resource(attributes: Mapping[str, Any]) -> bytes:
 
 def encode_request(rows: Iterable[Row], resource: bytes, scope: str = "falco-talon") -> bytes:
     """An ``ExportTraceServiceRequest`` holding ``rows`` under one resource and scope."""
-    spans = b"".join(_bytes(2, encode_span(r)) for r in rows)
+    spans = b"".join([_bytes(2, encode_span(r)) for r in rows])
     scope_spans = _bytes(1, _string(1, scope)) + spans
     resource_spans = _bytes(1, resource) + _bytes(2, scope_spans)
     return _bytes(1, resource_spans)
