@@ -21,7 +21,6 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
-    values,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -97,33 +96,6 @@ class _Spans(Collector):
         yield family
 
 
-class _LoopValue:
-    """prometheus-client's value for one sample of one process, without the lock its own
-    takes on every increment (~40% of the cost of counting an event): every count here is
-    made on the event loop's thread, and a scrape only reads. The signature is
-    ``prometheus_client.values``' own."""
-
-    _multiprocess = False
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float) -> None:
-        self.value += amount
-
-    def set(self, value: float, timestamp: float | None = None) -> None:
-        self.value = value
-
-    def set_exemplar(self, exemplar: Any) -> None:
-        return None
-
-    def get(self) -> float:
-        return self.value
-
-    def get_exemplar(self) -> Any:
-        return None
-
-
 class Metrics:
     """The process's metrics, in a registry of their own (one per service, one per test)."""
 
@@ -133,7 +105,7 @@ class Metrics:
         if self.shared:
             multiprocess.enable()
         else:
-            values.ValueClass = _LoopValue
+            multiprocess.enable_local()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events_received = Counter(
