@@ -96,6 +96,13 @@ class NotConfigured(PermanentError):
 
 POD_PATH = "/api/v1/namespaces/{namespace}/pods/{name}"
 NODE_PATH = "/api/v1/nodes/{name}"
+JSON = "application/json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+"""The default of a PATCH: what the client's generated methods send for a patch given as an
+object (so a ``{"metadata": {"labels": ...}}`` patch merges as it always did)."""
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+"""Its body is a list of operations."""
 
 
 API_RETRY = RetryPolicy(attempts=5, backoff=0.2, max_backoff=3.0, jitter=True)
@@ -147,11 +154,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return (urllib3.exceptions.HTTPError, OSError, TimeoutError, websocket.WebSocketException)
 
 
-JSON = "application/json"
-STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-"""What the client sent for a patch given as an object (and so what patches send here)."""
-MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 _API_PREFIX_SEGMENTS = {"api": 2, "apis": 3}
 """Segments of ``/api/v1`` and ``/apis/<group>/<version>``, before the resources."""
 
