@@ -34,6 +34,7 @@ from engine.contract.kubeapi import KubeApi
 from engine.contract.results import ActionResult, Target
 
 GROUP, VERSION, PLURAL = "projectcalico.org", "v3", "networkpolicies"
+COLLECTION = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}"
 IP_FIELDS = ("fd.rip|fd.sip",)
 
 
@@ -134,7 +135,6 @@ async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
     if isinstance(plan, ActionResult):
         return plan
     target, workload, ns, name, denied, cidrs, namespaces = plan
-    custom: Any = api.custom
     what = f"calico networkpolicy {ns}/{name}"
 
     def body(deny: list[str]) -> dict[str, Any]:
@@ -165,28 +165,17 @@ async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
             "spec": spec,
         }
 
-    def replace(current: Any, **kw: Any) -> Any:
+    def replacement(current: dict[str, Any]) -> dict[str, Any]:
         before = [
             net
-            for rule in current.get("spec", {}).get("egress") or ()
+            for rule in (current.get("spec") or {}).get("egress") or ()
             if rule.get("action") == "Deny"
             for net in (rule.get("destination") or {}).get("nets") or ()
         ]
         nets = list(dict.fromkeys([*before, denied]))
-        updated = with_version(body(nets), current["metadata"])
-        return custom.replace_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, name, updated, **kw
-        )
+        return with_version(body(nets), current.get("metadata") or {})
 
-    verb = await create_or_replace(
-        api,
-        what,
-        lambda **kw: custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, body([denied]), **kw
-        ),
-        lambda **kw: custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, **kw),
-        replace,
-    )
+    verb = await create_or_replace(api, what, COLLECTION, ns, name, body([denied]), replacement)
     return ActionResult.succeeded(
         f"calico networkpolicy {name} {verb}: egress of {workload.subject} to {denied} denied",
         target,

@@ -30,6 +30,7 @@ from engine.contract.kubeapi import KubeApi
 from engine.contract.results import ActionResult
 
 GROUP, VERSION, PLURAL = "cilium.io", "v2", "ciliumnetworkpolicies"
+COLLECTION = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}"
 NAMESPACE_KEY = "k8s:io.kubernetes.pod.namespace"
 DESCRIPTION = "Network policy created by Falco Talon"
 
@@ -66,7 +67,6 @@ async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
     if isinstance(plan, ActionResult):
         return plan
     target, workload, ns, name, denied, cidrs, namespaces = plan
-    custom: Any = api.custom
 
     def body(deny: list[str]) -> dict[str, Any]:
         allow: list[dict[str, Any]] = [{"toCIDR": cidrs}] if cidrs else []
@@ -85,26 +85,23 @@ async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
             },
         }
 
-    def replace(current: Any, **kw: Any) -> Any:
+    def replacement(current: dict[str, Any]) -> dict[str, Any]:
         before = [
             cidr
-            for rule in current.get("spec", {}).get("egressDeny") or ()
+            for rule in (current.get("spec") or {}).get("egressDeny") or ()
             for cidr in rule.get("toCIDR") or ()
         ]
         nets = list(dict.fromkeys([*before, denied]))
-        updated = with_version(body(nets), current["metadata"])
-        return custom.replace_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, name, updated, **kw
-        )
+        return with_version(body(nets), current.get("metadata") or {})
 
     verb = await create_or_replace(
         api,
         f"ciliumnetworkpolicy {ns}/{name}",
-        lambda **kw: custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, body([denied]), **kw
-        ),
-        lambda **kw: custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, **kw),
-        replace,
+        COLLECTION,
+        ns,
+        name,
+        body([denied]),
+        replacement,
     )
     return ActionResult.succeeded(
         f"ciliumnetworkpolicy {name} {verb}: egress of {workload.subject} to {denied} denied",

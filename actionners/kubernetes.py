@@ -8,7 +8,10 @@ Position in the flow: ... -> state machine -> **actionners** -> notifiers.
 Each actionner is declared with its ``continue``/``before`` defaults, the JSON Schema of its
 parameters and the RBAC rules it needs, and runs against the API through the engine's
 shared client (``engine.contract.kubeapi``): calls run off the event loop, transient failures are
-retried there, permanent ones come back with the API's message.
+retried there, permanent ones come back with the API's message. They are plain REST requests
+whose answers are read as the API's JSON (``pod["metadata"]["ownerReferences"]``): the
+client's generated API classes and models are never loaded for them (~100 MB per process).
+Only exec and script stream through the client's ``CoreV1Api``, imported when one runs.
 
 The pod comes from the event: ``k8s.pod.name``/``k8s.ns.name``, or ``ka.target.name``/
 ``ka.target.namespace`` for Kubernetes audit events. A missing field or a pod that no
@@ -30,6 +33,8 @@ from engine.contract import kubeapi
 from engine.contract.actionners import ActionContext, Alias, RbacRule, RunFunc, actionner
 from engine.contract.errors import PermanentError
 from engine.contract.kubeapi import (
+    NODE_PATH,
+    POD_PATH,
     ApiPermanentError,
     ApiTemporaryError,
     Conflict,
@@ -77,7 +82,9 @@ class NoTarget(Exception):
         self.target = target
 
 
-async def pod_of(api: KubeApi, ctx: ActionContext) -> tuple[Any, Target]:
+async def pod_of(api: KubeApi, ctx: ActionContext) -> tuple[dict[str, Any], Target]:
+    """The event's pod (its JSON) and the target naming it with its uid; :class:`NoTarget`
+    when the event names none or it is gone."""
     target = ctx.target
     if not target.pod or not target.namespace:
         raise NoTarget(
@@ -89,23 +96,35 @@ async def pod_of(api: KubeApi, ctx: ActionContext) -> tuple[Any, Target]:
         pod = await api.read_pod(target.namespace, target.pod)
     except NotFound:
         raise NoTarget(f"pod {target.namespace}/{target.pod} no longer exists", target) from None
-    return pod, Target(target.pod, target.namespace, pod.metadata.uid)
+    return pod, Target(target.pod, target.namespace, _meta(pod).get("uid"))
 
 
-def _owner(pod: Any) -> Any | None:
+def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An object's ``metadata`` (empty when it has none)."""
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _spec(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An object's ``spec`` (empty when it has none)."""
+    spec = obj.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _owner(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     """The pod's controller owner reference, if any."""
-    for ref in pod.metadata.owner_references or ():
-        if ref.controller:
-            return ref
+    for ref in _meta(pod).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return dict(ref)
     return None
 
 
-def _ready(pod: Any) -> bool:
-    if pod.metadata.deletion_timestamp is not None:
+def _ready(pod: Mapping[str, Any]) -> bool:
+    if _meta(pod).get("deletionTimestamp") is not None:
         return False
-    for cond in (pod.status.conditions if pod.status else None) or ():
-        if cond.type == "Ready":
-            return bool(cond.status == "True")
+    for cond in (pod.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == "Ready":
+            return bool(cond.get("status") == "True")
     return False
 
 
@@ -142,20 +161,21 @@ def _min_healthy_schema() -> dict[str, Any]:
     }
 
 
-def _owner_kind(pod: Any) -> tuple[str | None, Any]:
+def _owner_kind(pod: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
     ref = _owner(pod)
-    return (ref.kind if ref is not None else None), ref
+    return (ref.get("kind") if ref is not None else None), ref
 
 
-def _ignored_by_owner(ctx: ActionContext, pod: Any) -> str | None:
+def _ignored_by_owner(ctx: ActionContext, pod: Mapping[str, Any]) -> str | None:
     """Why ``ignore_daemonsets``/``ignore_statefulsets``/``ignore_standalone_pods`` leave
     ``pod`` alone, or None."""
     kind, ref = _owner_kind(pod)
+    owner = ref.get("name") if ref is not None else None
     params = ctx.parameters
     if kind == "DaemonSet" and params.get("ignore_daemonsets"):
-        return f"owned by DaemonSet {ref.name} and {ctx.name_of('ignore_daemonsets')} is true"
+        return f"owned by DaemonSet {owner} and {ctx.name_of('ignore_daemonsets')} is true"
     if kind == "StatefulSet" and params.get("ignore_statefulsets"):
-        return f"owned by StatefulSet {ref.name} and {ctx.name_of('ignore_statefulsets')} is true"
+        return f"owned by StatefulSet {owner} and {ctx.name_of('ignore_statefulsets')} is true"
     if kind is None and params.get("ignore_standalone_pods"):
         return "not owned by a controller and ignore_standalone_pods is true"
     return None
@@ -224,26 +244,20 @@ async def terminate(ctx: ActionContext, api: KubeApi) -> ActionResult:
         return ActionResult.skipped(why, target)
     kind, ref = _owner_kind(pod)
     minimum = params.get("min_healthy_replicas")
-    if minimum is not None and kind == "ReplicaSet":
+    if minimum is not None and kind == "ReplicaSet" and ref is not None:
         verdict = await _replica_budget(api, pod, ref, minimum, ctx.name_of("min_healthy_replicas"))
         if verdict:
             return ActionResult.skipped(verdict, target)
     grace = int(params.get("grace_period_seconds", 0))
     try:
-        await api.call(
-            f"delete pod {target.namespace}/{target.pod}",
-            api.core.delete_namespaced_pod,
-            target.pod,
-            target.namespace,
-            grace_period_seconds=grace,
-        )
+        await _delete_pod_request(api, str(target.namespace), str(target.pod), grace)
     except NotFound:
         return ActionResult.succeeded("pod already gone", target)
     return ActionResult.succeeded(
         f"pod deleted ({ctx.name_of('grace_period_seconds')} {grace})",
         target,
         grace_period_seconds=grace,
-        owner=f"{kind}/{ref.name}" if ref else None,
+        owner=f"{kind}/{ref.get('name')}" if ref else None,
     )
 
 
@@ -254,18 +268,12 @@ _OWNER_CHECKS = ("ignore_daemonsets", "ignore_statefulsets", "ignore_standalone_
 async def _delete_pod(ctx: ActionContext, api: KubeApi, grace: int) -> ActionResult:
     """Terminate when nothing needs the pod read first: one DELETE, whose answer (the pod,
     as JSON) gives the uid and the owner for the result. This is the path from an event to
-    a pod going away in milliseconds: no GET before, no client models built after."""
+    a pod going away in milliseconds: no GET before."""
     target = ctx.target
     if not target.pod or not target.namespace:
         await pod_of(api, ctx)  # raises NoTarget naming what the event lacks
     try:
-        pod = await api.call_json(
-            f"delete pod {target.namespace}/{target.pod}",
-            api.core.delete_namespaced_pod,
-            target.pod,
-            target.namespace,
-            grace_period_seconds=grace,
-        )
+        pod = await _delete_pod_request(api, str(target.namespace), str(target.pod), grace)
     except NotFound:
         return ActionResult.succeeded(
             f"pod {target.namespace}/{target.pod} no longer exists: nothing to terminate", target
@@ -280,6 +288,17 @@ async def _delete_pod(ctx: ActionContext, api: KubeApi, grace: int) -> ActionRes
     )
 
 
+async def _delete_pod_request(api: KubeApi, ns: str, name: str, grace: int) -> dict[str, Any]:
+    """DELETE the pod with ``grace`` seconds to stop; the pod as the API answered."""
+    return await api.request(
+        f"delete pod {ns}/{name}",
+        "DELETE",
+        POD_PATH,
+        path_params={"namespace": ns, "name": name},
+        query={"gracePeriodSeconds": grace},
+    )
+
+
 def _needed(minimum: int | str, desired: int) -> tuple[int, str]:
     """Ready pods ``minimum`` asks for: ``3``, ``"3"``, or ``"50%"`` of ``desired`` rounded up."""
     text = str(minimum)
@@ -290,30 +309,43 @@ def _needed(minimum: int | str, desired: int) -> tuple[int, str]:
 
 
 async def _replica_budget(
-    api: KubeApi, pod: Any, ref: Any, minimum: int | str, spelled: str
+    api: KubeApi,
+    pod: Mapping[str, Any],
+    ref: Mapping[str, Any],
+    minimum: int | str,
+    spelled: str,
 ) -> str | None:
     """Why deleting ``pod`` would leave its ReplicaSet below ``minimum`` ready pods, or None."""
-    ns = pod.metadata.namespace
-    rs = await api.call(
-        f"get replicaset {ns}/{ref.name}", api.apps.read_namespaced_replica_set, ref.name, ns
+    ns = str(_meta(pod).get("namespace"))
+    owner = str(ref.get("name"))
+    rs = await api.request(
+        f"get replicaset {ns}/{owner}",
+        "GET",
+        "/apis/apps/v1/namespaces/{namespace}/replicasets/{name}",
+        path_params={"namespace": ns, "name": owner},
     )
-    needed, wanted = _needed(minimum, int(rs.spec.replicas or 0))
-    selector = ",".join(f"{k}={v}" for k, v in (rs.spec.selector.match_labels or {}).items())
-    pods = await api.call(
-        f"list pods of replicaset {ns}/{ref.name}",
-        api.core.list_namespaced_pod,
-        ns,
-        label_selector=selector,
+    spec = _spec(rs)
+    needed, wanted = _needed(minimum, int(spec.get("replicas") or 0))
+    match_labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    selector = ",".join(f"{k}={v}" for k, v in match_labels.items())
+    pods = await api.request(
+        f"list pods of replicaset {ns}/{owner}",
+        "GET",
+        "/api/v1/namespaces/{namespace}/pods",
+        path_params={"namespace": ns},
+        query={"labelSelector": selector},
     )
+    rs_uid = _meta(rs).get("uid")
     owned = [
         p
-        for p in pods.items
-        if any(r.uid == rs.metadata.uid for r in p.metadata.owner_references or ())
+        for p in pods.get("items") or ()
+        if any(r.get("uid") == rs_uid for r in _meta(p).get("ownerReferences") or ())
     ]
-    remaining = sum(1 for p in owned if _ready(p) and p.metadata.uid != pod.metadata.uid)
+    uid = _meta(pod).get("uid")
+    remaining = sum(1 for p in owned if _ready(p) and _meta(p).get("uid") != uid)
     if remaining < needed:
         return (
-            f"only {remaining} ready pod(s) of ReplicaSet {ref.name} would remain, "
+            f"only {remaining} ready pod(s) of ReplicaSet {owner} would remain, "
             f"{spelled} is {wanted}"
         )
     return None
@@ -332,13 +364,13 @@ def _level_schema() -> dict[str, Any]:
     }
 
 
-def _node_name(ctx: ActionContext, pod: Any | None) -> str | None:
+def _node_name(ctx: ActionContext, pod: Mapping[str, Any] | None) -> str | None:
     """The event's node: ``k8s.node.name``, else the pod's ``spec.nodeName``."""
     name = ctx.event.field("k8s.node.name")
     if name:
         return str(name)
-    if pod is not None and pod.spec is not None and pod.spec.node_name:
-        return str(pod.spec.node_name)
+    if pod is not None and _spec(pod).get("nodeName"):
+        return str(_spec(pod)["nodeName"])
     return None
 
 
@@ -355,18 +387,24 @@ async def _metadata_patch(
                 f"pod {target.namespace}/{target.pod} is on no node", target
             )
         try:
-            await api.call(f"patch {field_} of node {node}", api.core.patch_node, node, patch)
+            await api.request(
+                f"patch {field_} of node {node}",
+                "PATCH",
+                NODE_PATH,
+                path_params={"name": node},
+                body=patch,
+            )
         except NotFound:
             return ActionResult.skipped(f"node {node} no longer exists", target)
         subject: dict[str, Any] = {"node": node}
     else:
         try:
-            await api.call(
+            await api.request(
                 f"patch {field_} of pod {target.namespace}/{target.pod}",
-                api.core.patch_namespaced_pod,
-                target.pod,
-                target.namespace,
-                patch,
+                "PATCH",
+                POD_PATH,
+                path_params={"namespace": str(target.namespace), "name": str(target.pod)},
+                body=patch,
             )
         except NotFound:
             return ActionResult.skipped(
@@ -483,10 +521,11 @@ async def annotation(ctx: ActionContext, api: KubeApi) -> ActionResult:
 # -- network policies ----------------------------------------------------------------------------
 
 _OWNER_READERS = {
-    "ReplicaSet": ("replicaset", "read_namespaced_replica_set"),
-    "DaemonSet": ("daemonset", "read_namespaced_daemon_set"),
-    "StatefulSet": ("statefulset", "read_namespaced_stateful_set"),
+    "ReplicaSet": ("replicaset", "replicasets"),
+    "DaemonSet": ("daemonset", "daemonsets"),
+    "StatefulSet": ("statefulset", "statefulsets"),
 }
+"""Owner kind -> (its name in messages and policy names, its apps/v1 resource)."""
 
 ALLOW_SCHEMA: dict[str, Any] = {
     "allow_cidr": {
@@ -527,18 +566,26 @@ class Workload:
         return f"falco-talon-{self.kind}-{self.name}"[:253].rstrip("-.")
 
 
-async def workload_of(api: KubeApi, pod: Any, target: Target) -> Workload | ActionResult:
+async def workload_of(
+    api: KubeApi, pod: Mapping[str, Any], target: Target
+) -> Workload | ActionResult:
     """The pod's workload; a ``skipped`` result when nothing safe selects it."""
-    ns = target.namespace
+    ns = str(target.namespace)
     ref = _owner(pod)
-    if ref is not None and ref.kind in _OWNER_READERS:
-        short, reader = _OWNER_READERS[ref.kind]
-        owner = await api.call(
-            f"get {short} {ns}/{ref.name}", getattr(api.apps, reader), ref.name, ns
+    if ref is not None and ref.get("kind") in _OWNER_READERS:
+        kind, name = str(ref["kind"]), str(ref.get("name"))
+        short, resource = _OWNER_READERS[kind]
+        owner = await api.request(
+            f"get {short} {ns}/{name}",
+            "GET",
+            f"/apis/apps/v1/namespaces/{{namespace}}/{resource}/{{name}}",
+            path_params={"namespace": ns, "name": name},
         )
-        selector = api.api_client.sanitize_for_serialization(owner.spec.selector)
-        return Workload(short, ref.name, selector, f"{ref.kind} {ref.name}")
-    labels = {k: v for k, v in (pod.metadata.labels or {}).items() if k not in GENERATED_LABELS}
+        selector = dict(_spec(owner).get("selector") or {})
+        return Workload(short, name, selector, f"{kind} {name}")
+    labels = {
+        k: v for k, v in (_meta(pod).get("labels") or {}).items() if k not in GENERATED_LABELS
+    }
     if not labels:
         return ActionResult.skipped(
             "the pod has no labels to select it by; a policy without a selector "
@@ -611,15 +658,14 @@ async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
             "egress": [{"to": to}] if to else [],
         },
     }
-    net: Any = api.networking
     verb = await create_or_replace(
         api,
         f"networkpolicy {ns}/{name}",
-        lambda **kw: net.create_namespaced_network_policy(ns, body, **kw),
-        lambda **kw: net.read_namespaced_network_policy(name, ns, **kw),
-        lambda current, **kw: net.replace_namespaced_network_policy(
-            name, ns, with_version(body, current.metadata), **kw
-        ),
+        "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies",
+        ns,
+        name,
+        body,
+        lambda current: with_version(body, _meta(current)),
     )
     allowed = cidrs + [f"namespace {n}" for n in namespaces]
     but = f" but to {', '.join(allowed)}" if allowed else ""
@@ -633,35 +679,38 @@ async def networkpolicy(ctx: ActionContext, api: KubeApi) -> ActionResult:
     )
 
 
-def with_version(body: dict[str, Any], current: Any) -> dict[str, Any]:
-    """``body`` to replace the stored object: its resourceVersion, its labels kept."""
+def with_version(body: dict[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """``body`` to replace the stored object whose ``metadata`` is ``current``: its
+    resourceVersion, its labels kept."""
     out = {**body, "metadata": dict(body["metadata"])}
-    get = current.get if isinstance(current, dict) else lambda k: getattr(current, _snake(k))
-    out["metadata"]["resourceVersion"] = get("resourceVersion")
-    out["metadata"]["labels"] = {**(get("labels") or {}), **body["metadata"].get("labels", {})}
+    out["metadata"]["resourceVersion"] = current.get("resourceVersion")
+    out["metadata"]["labels"] = {
+        **(current.get("labels") or {}),
+        **body["metadata"].get("labels", {}),
+    }
     return out
-
-
-def _snake(key: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in key)
 
 
 async def create_or_replace(
     api: KubeApi,
     what: str,
-    create: Callable[..., Any],
-    read: Callable[..., Any],
-    replace: Callable[..., Any],
+    collection: str,
+    namespace: str,
+    name: str,
+    body: dict[str, Any],
+    replacement: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> str:
-    """Create the object; if it exists, replace it: ``"created"`` or ``"updated"``. Each
-    callable passes on the client keyword arguments it is given (``_request_timeout``);
-    ``replace`` gets the stored object first."""
+    """Create ``body`` in ``collection`` (a path with ``{namespace}``); if it exists, replace
+    it with ``replacement(stored object)``: ``"created"`` or ``"updated"``."""
+    where = {"namespace": namespace}
     try:
-        await api.call(f"create {what}", create)
+        await api.request(f"create {what}", "POST", collection, path_params=where, body=body)
         return "created"
     except Conflict:
-        current = await api.call(f"get {what}", read)
-        await api.call(f"update {what}", replace, current)
+        item = collection + "/{name}"
+        at = {**where, "name": name}
+        current = await api.request(f"get {what}", "GET", item, path_params=at)
+        await api.request(f"update {what}", "PUT", item, path_params=at, body=replacement(current))
         return "updated"
 
 
@@ -776,7 +825,7 @@ async def _run_in_containers(
     shell = str(ctx.parameters.get("shell", "/bin/sh"))
     timeout = float(ctx.parameters.get("timeout", 20))
     results: dict[str, dict[str, Any]] = {}
-    for container in (c.name for c in pod.spec.containers):
+    for container in _containers(pod):
 
         def run(container: str = container) -> dict[str, Any]:
             # A client of its own: stream() swaps its transport while it connects.
@@ -833,6 +882,11 @@ async def _run_in_containers(
     )
 
 
+def _containers(pod: Mapping[str, Any]) -> list[str]:
+    """The names of the pod's containers (its init containers left out)."""
+    return [str(c.get("name")) for c in _spec(pod).get("containers") or ()]
+
+
 def _cut(text: str) -> str:
     data = text.encode()
     if len(data) <= OUTPUT_LIMIT:
@@ -868,15 +922,14 @@ async def log(ctx: ActionContext, api: KubeApi) -> ActionResult:
     pod, target = await pod_of(api, ctx)
     tail = int(ctx.parameters.get("tail_lines", 20))
     logs: dict[str, str] = {}
-    for container in (c.name for c in pod.spec.containers):
+    for container in _containers(pod):
         try:
-            text = await api.call(
+            text = await api.request_text(
                 f"get log of {target.namespace}/{target.pod}/{container}",
-                api.core.read_namespaced_pod_log,
-                target.pod,
-                target.namespace,
-                container=container,
-                tail_lines=tail,
+                "GET",
+                POD_PATH + "/log",
+                path_params={"namespace": str(target.namespace), "name": str(target.pod)},
+                query={"container": container, "tailLines": tail},
             )
         except NotFound:
             return ActionResult.skipped(
@@ -891,25 +944,33 @@ async def log(ctx: ActionContext, api: KubeApi) -> ActionResult:
 
 # -- delete, cordon, drain ------------------------------------------------------------------------
 
-# ka.target.resource -> (API group attribute of KubeApi, client method stem, namespaced, group)
-DELETABLE: dict[str, tuple[str, str, bool, str]] = {
-    "namespaces": ("core", "namespace", False, ""),
-    "configmaps": ("core", "namespaced_config_map", True, ""),
-    "secrets": ("core", "namespaced_secret", True, ""),
-    "services": ("core", "namespaced_service", True, ""),
-    "serviceaccounts": ("core", "namespaced_service_account", True, ""),
-    "deployments": ("apps", "namespaced_deployment", True, "apps"),
-    "daemonsets": ("apps", "namespaced_daemon_set", True, "apps"),
-    "statefulsets": ("apps", "namespaced_stateful_set", True, "apps"),
-    "replicasets": ("apps", "namespaced_replica_set", True, "apps"),
-    "roles": ("rbac", "namespaced_role", True, "rbac.authorization.k8s.io"),
-    "clusterroles": ("rbac", "cluster_role", False, "rbac.authorization.k8s.io"),
+# ka.target.resource -> (API group, its version, namespaced)
+DELETABLE: dict[str, tuple[str, str, bool]] = {
+    "namespaces": ("", "v1", False),
+    "configmaps": ("", "v1", True),
+    "secrets": ("", "v1", True),
+    "services": ("", "v1", True),
+    "serviceaccounts": ("", "v1", True),
+    "deployments": ("apps", "v1", True),
+    "daemonsets": ("apps", "v1", True),
+    "statefulsets": ("apps", "v1", True),
+    "replicasets": ("apps", "v1", True),
+    "roles": ("rbac.authorization.k8s.io", "v1", True),
+    "clusterroles": ("rbac.authorization.k8s.io", "v1", False),
 }
+
+
+def deletable_path(resource: str) -> str:
+    """The REST path of one ``resource`` of :data:`DELETABLE`, with ``{name}`` (and
+    ``{namespace}`` when it is namespaced) to fill."""
+    group, version, namespaced = DELETABLE[resource]
+    prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    return prefix + ("/namespaces/{namespace}" if namespaced else "") + f"/{resource}/{{name}}"
 
 
 def _delete_rbac() -> tuple[RbacRule, ...]:
     groups: dict[str, list[str]] = {}
-    for resource, (_, _, _, group) in DELETABLE.items():
+    for resource, (group, _, _) in DELETABLE.items():
         groups.setdefault(group, []).append(resource)
     return tuple(RbacRule((g,), tuple(rs), ("get", "delete")) for g, rs in groups.items())
 
@@ -940,21 +1001,22 @@ async def delete(ctx: ActionContext) -> ActionResult:
         return ActionResult.skipped(
             f"kubernetes:delete does not delete {resource} (only {', '.join(DELETABLE)})", target
         )
-    group, stem, namespaced, _ = DELETABLE[resource]
-    client = getattr(api, group)
-    args: tuple[str, ...] = (name, ns) if namespaced else (name,)
+    _, _, namespaced = DELETABLE[resource]
+    path = deletable_path(resource)
+    params = {"name": name, "namespace": ns} if namespaced else {"name": name}
     if namespaced and not ns:
         return ActionResult.skipped(f"the event names no namespace of {resource} {name}", target)
     what = f"{resource} {ns + '/' if namespaced else ''}{name}"
     try:
-        current = await api.call(f"get {what}", getattr(client, f"read_{stem}"), *args)
-        if current.metadata.deletion_timestamp is not None:
+        current = await api.request(f"get {what}", "GET", path, path_params=params)
+        if _meta(current).get("deletionTimestamp") is not None:
             return ActionResult.succeeded(f"{what} is already being deleted", target)
-        await api.call(
+        await api.request(
             f"delete {what}",
-            getattr(client, f"delete_{stem}"),
-            *args,
-            propagation_policy="Background",
+            "DELETE",
+            path,
+            path_params=params,
+            query={"propagationPolicy": "Background"},
         )
     except NotFound:
         return ActionResult.succeeded(f"{what} already gone", target, resource=resource, name=name)
@@ -975,11 +1037,16 @@ async def _node_of_event(ctx: ActionContext, api: KubeApi) -> tuple[str, Target]
 
 async def _cordon(api: KubeApi, node: str) -> bool:
     """Mark ``node`` unschedulable; False when it already was."""
-    current = await api.call(f"get node {node}", api.core.read_node, node)
-    if current.spec is not None and current.spec.unschedulable:
+    at = {"name": node}
+    current = await api.request(f"get node {node}", "GET", NODE_PATH, path_params=at)
+    if _spec(current).get("unschedulable"):
         return False
-    await api.call(
-        f"cordon node {node}", api.core.patch_node, node, {"spec": {"unschedulable": True}}
+    await api.request(
+        f"cordon node {node}",
+        "PATCH",
+        NODE_PATH,
+        path_params=at,
+        body={"spec": {"unschedulable": True}},
     )
     return True
 
@@ -1063,23 +1130,29 @@ async def drain(ctx: ActionContext, api: KubeApi) -> ActionResult:
         await _cordon(api, node)
     except NotFound:
         return ActionResult.skipped(f"node {node} no longer exists", target)
-    pods = await api.call(
+    pods = await api.request(
         f"list pods of node {node}",
-        api.core.list_pod_for_all_namespaces,
-        field_selector=f"spec.nodeName={node}",
+        "GET",
+        "/api/v1/pods",
+        query={"fieldSelector": f"spec.nodeName={node}"},
     )
     evicted: list[str] = []
     ignored: dict[str, str] = {}
     failed: dict[str, str] = {}
     minimum = ctx.parameters.get("min_healthy_replicas")
-    for pod in sorted(pods.items, key=lambda p: (p.metadata.namespace, p.metadata.name)):
-        key = f"{pod.metadata.namespace}/{pod.metadata.name}"
-        if pod.metadata.deletion_timestamp is not None:
+    items = sorted(
+        pods.get("items") or (),
+        key=lambda p: (str(_meta(p).get("namespace")), str(_meta(p).get("name"))),
+    )
+    for pod in items:
+        pod_ns, pod_name = str(_meta(pod).get("namespace")), str(_meta(pod).get("name"))
+        key = f"{pod_ns}/{pod_name}"
+        if _meta(pod).get("deletionTimestamp") is not None:
             evicted.append(key)  # evicted before (a repeated drain): being deleted already
             continue
         why = _ignored_by_owner(ctx, pod)
         kind, ref = _owner_kind(pod)
-        if why is None and minimum is not None and kind == "ReplicaSet":
+        if why is None and minimum is not None and kind == "ReplicaSet" and ref is not None:
             try:
                 why = await _replica_budget(
                     api, pod, ref, minimum, ctx.name_of("min_healthy_replicas")
@@ -1090,15 +1163,15 @@ async def drain(ctx: ActionContext, api: KubeApi) -> ActionResult:
             ignored[key] = why
             continue
         try:
-            await api.call(
+            await api.request(
                 f"evict pod {key}",
-                api.core.create_namespaced_pod_eviction,
-                pod.metadata.name,
-                pod.metadata.namespace,
-                {
+                "POST",
+                POD_PATH + "/eviction",
+                path_params={"namespace": pod_ns, "name": pod_name},
+                body={
                     "apiVersion": "policy/v1",
                     "kind": "Eviction",
-                    "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace},
+                    "metadata": {"name": pod_name, "namespace": pod_ns},
                 },
                 retry_policy=EVICTION_RETRY,
             )

@@ -7,7 +7,8 @@ pod with its ``uid``, so ``kubectl describe pod``, ``kubectl get events`` and to
 Argo CD show it next to the pod. ``reason`` names the action and its outcome
 (``TerminateSucceeded``), ``type`` is Warning for a failure and Normal otherwise. With
 ``traceUrl`` set, the link to the trace ends the message and is the annotation
-``falco-talon/trace-url``. Needs no configuration; uses the engine's shared Kubernetes client.
+``falco-talon/trace-url``. Needs no configuration; uses the engine's shared Kubernetes client
+(plain REST requests: the client's generated API classes are never loaded for it).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ async def send(note: Notification, settings: Mapping[str, Any]) -> None:
     uid = target.uid
     if uid is None:
         try:
-            uid = (await api.read_pod(target.namespace, target.pod)).metadata.uid
+            uid = (await api.read_pod(target.namespace, target.pod)).get("metadata", {}).get("uid")
         except NotFound:
             uid = None  # the pod is gone: the Event still names it
     now = datetime.now(UTC)
@@ -105,9 +106,10 @@ async def send(note: Notification, settings: Mapping[str, Any]) -> None:
         "lastTimestamp": now.isoformat(),
         "count": 1,
     }
-    await api.call(
+    await api.request(
         f"create event in {target.namespace}",
-        api.core.create_namespaced_event,
-        target.namespace,
-        body,
+        "POST",
+        "/api/v1/namespaces/{namespace}/events",
+        path_params={"namespace": target.namespace},
+        body=body,
     )

@@ -11,6 +11,16 @@ their own, so that every call
   :class:`ApiPermanentError` carrying the API's own message (:class:`NotFound`,
   :class:`Conflict` for the cases actionners handle).
 
+Plug-ins speak plain REST (:meth:`KubeApi.request`, :meth:`KubeApi.request_text`): a
+method, a path, a query and a JSON body, answered with the API's JSON as plain data
+(``pod["metadata"]["ownerReferences"]``). The request is built and sent by the official
+client's ``ApiClient``, so every authentication of its ``Configuration`` (bearer token,
+client certificate, in-cluster, refreshing tokens) applies, but neither its generated API
+classes nor its pydantic models are loaded: those cost ~100 MB of memory per process
+(``CoreV1Api`` alone imports ~200 model modules). The typed API groups
+(:attr:`KubeApi.core`, ...) are still there, created on first use only; the exec stream
+(:meth:`KubeApi.stream_core`) imports ``CoreV1Api`` when an exec runs.
+
 The engine's composition root calls :func:`use` with a client built by :func:`connect`
 (``kubeConfig`` setting, else in-cluster, else ``~/.kube/config``); :func:`current` hands
 it to plug-ins.
@@ -24,7 +34,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -84,6 +94,17 @@ class NotConfigured(PermanentError):
     """No Kubernetes configuration could be found."""
 
 
+POD_PATH = "/api/v1/namespaces/{namespace}/pods/{name}"
+NODE_PATH = "/api/v1/nodes/{name}"
+JSON = "application/json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+"""The default of a PATCH: what the client's generated methods send for a patch given as an
+object (so a ``{"metadata": {"labels": ...}}`` patch merges as it always did)."""
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+"""Its body is a list of operations."""
+
+
 API_RETRY = RetryPolicy(attempts=5, backoff=0.2, max_backoff=3.0, jitter=True)
 """Calls per request (the first included) and the backoff between them."""
 REQUEST_TIMEOUT = 10.0
@@ -133,8 +154,24 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return (urllib3.exceptions.HTTPError, OSError, TimeoutError, websocket.WebSocketException)
 
 
+_API_PREFIX_SEGMENTS = {"api": 2, "apis": 3}
+"""Segments of ``/api/v1`` and ``/apis/<group>/<version>``, before the resources."""
+
+
+def span_resource(path: str) -> str:
+    """The resource a path names, for low-cardinality span names: ``pods``, ``pods/log``,
+    ``nodes``, ``networkpolicies`` (names and namespaces left out)."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    rest = parts[_API_PREFIX_SEGMENTS.get(parts[0], 0) :] if parts else []
+    if len(rest) > 2 and rest[0] == "namespaces":
+        rest = rest[2:]
+    # rest is resource[/name[/subresource]]
+    return "/".join(rest[:1] + rest[2:3]) or "/".join(parts[:1]) or "/"
+
+
 class KubeApi:
-    """The shared client: typed API groups plus :meth:`call` to run one request safely."""
+    """The shared client: :meth:`request` to run one REST request safely; the typed API
+    groups (``core``, ``apps``...) and :meth:`call` for what still needs them."""
 
     def __init__(
         self,
@@ -143,17 +180,42 @@ class KubeApi:
         threads: int = 16,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
-        from kubernetes import client
-
         self.api_client = api_client
         self.retry = retry
         self.request_timeout = request_timeout
-        self.core = client.CoreV1Api(api_client)
-        self.apps = client.AppsV1Api(api_client)
-        self.networking = client.NetworkingV1Api(api_client)
-        self.rbac = client.RbacAuthorizationV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kubeapi")
+
+    # The client's generated API classes, imported and created on first use only: each
+    # imports the pydantic models its methods name (CoreV1Api: ~80 MB of memory).
+    @functools.cached_property
+    def core(self) -> Any:
+        from kubernetes.client.api.core_v1_api import CoreV1Api
+
+        return CoreV1Api(self.api_client)
+
+    @functools.cached_property
+    def apps(self) -> Any:
+        from kubernetes.client.api.apps_v1_api import AppsV1Api
+
+        return AppsV1Api(self.api_client)
+
+    @functools.cached_property
+    def networking(self) -> Any:
+        from kubernetes.client.api.networking_v1_api import NetworkingV1Api
+
+        return NetworkingV1Api(self.api_client)
+
+    @functools.cached_property
+    def rbac(self) -> Any:
+        from kubernetes.client.api.rbac_authorization_v1_api import RbacAuthorizationV1Api
+
+        return RbacAuthorizationV1Api(self.api_client)
+
+    @functools.cached_property
+    def custom(self) -> Any:
+        from kubernetes.client.api.custom_objects_api import CustomObjectsApi
+
+        return CustomObjectsApi(self.api_client)
 
     async def call(
         self,
@@ -163,22 +225,38 @@ class KubeApi:
         retry_policy: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the pool with retries; ``what`` names it in errors.
-        ``retry_policy`` replaces the client's own for this call (an eviction is tried once:
-        its 429 is a PodDisruptionBudget's no, not throttling).
+        """Run ``fn(*args, **kwargs)`` (a method of the client's generated API classes) in the
+        pool with retries; ``what`` names it in errors. ``retry_policy`` replaces the client's
+        own for this call. Plug-ins use :meth:`request` instead, which needs no generated
+        class.
 
-        Returns the client's model object (typed ``Any``: the client's models are loosely
-        typed, and every field of them may be None). Raises :class:`ApiPermanentError` (or
-        a subclass), :class:`ApiTemporaryError` once the retries ran out, or the client's
+        Returns what ``fn`` returns (the client's model object for a generated method,
+        typed ``Any``: every field of them may be None). Raises :class:`ApiPermanentError`
+        (or a subclass), :class:`ApiTemporaryError` once the retries ran out, or the client's
         own exception untouched when it is a bug rather than an API answer."""
         kwargs.setdefault("_request_timeout", self.request_timeout)
-        loop = asyncio.get_running_loop()
-        # Span names stay low-cardinality (the client method); the object goes in attributes.
-        with child(f"k8s {getattr(fn, '__name__', 'call')}", k8s__request=what) as span:
+        return await self._run(
+            f"k8s {getattr(fn, '__name__', 'call')}",
+            what,
+            lambda: fn(*args, **kwargs),
+            retry_policy,
+        )
 
-            async def once() -> Any:
+    async def _run(
+        self,
+        span_name: str,
+        what: str,
+        fn: Callable[[], T],
+        retry_policy: RetryPolicy | None,
+    ) -> T:
+        """``fn()`` in the pool, in a span named ``span_name`` (low-cardinality: the object
+        goes in attributes), retried while the failure is transient; errors classified."""
+        loop = asyncio.get_running_loop()
+        with child(span_name, k8s__request=what) as span:
+
+            async def once() -> T:
                 try:
-                    return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+                    return await loop.run_in_executor(self._pool, fn)
                 except Exception as exc:
                     error = classify(exc, what)
                     if error is exc:
@@ -206,30 +284,103 @@ class KubeApi:
                     ) from error.__cause__
                 raise error from error.__cause__
 
-    async def call_json(
-        self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    async def request(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        path_params: Mapping[str, str] | None = None,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> dict[str, Any]:
-        """As :meth:`call`, but the answer's JSON as plain data rather than the client's
-        model objects: building those costs milliseconds per pod, on the path from an event
-        to its action (errors are raised the same way)."""
+        """One REST request, without the client's generated classes: ``method`` on ``path``
+        (``/api/v1/namespaces/{namespace}/pods/{name}``: each ``{key}`` replaced by
+        ``path_params[key]``, URL-quoted), with ``query`` and the JSON ``body``
+        (``content_type`` defaults to JSON, and to a strategic merge patch for PATCH);
+        ``what`` names it in errors, as for :meth:`call`.
 
-        @functools.wraps(fn)
-        def fetch(*a: Any, **kw: Any) -> dict[str, Any]:
-            response = fn(*a, _preload_content=False, **kw)
+        Returns the answer's JSON as plain data, with the API's own (camelCase) keys; an
+        empty dict for an empty answer. Raises as :meth:`call` does (404 :class:`NotFound`,
+        409 :class:`Conflict`, 429/5xx/unreachable :class:`ApiTemporaryError` once the
+        retries ran out)."""
+        data = await self._request(
+            what, method, path, path_params, query, body, content_type, retry_policy
+        )
+        loaded = orjson.loads(data) if data else {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    async def request_text(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        path_params: Mapping[str, str] | None = None,
+        query: Mapping[str, Any] | None = None,
+        retry_policy: RetryPolicy | None = None,
+    ) -> str:
+        """As :meth:`request`, for an answer that is text (a pod's log): the text."""
+        data = await self._request(
+            what, method, path, path_params, query, None, None, retry_policy, accept="*/*"
+        )
+        return data.decode("utf-8", errors="replace")
+
+    async def _request(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        path_params: Mapping[str, str] | None,
+        query: Mapping[str, Any] | None,
+        body: Any,
+        content_type: str | None,
+        retry_policy: RetryPolicy | None,
+        accept: str = JSON,
+    ) -> bytes:
+        method = method.upper()
+        headers = {"Accept": accept}
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            headers["Content-Type"] = content_type or (
+                STRATEGIC_MERGE_PATCH if method == "PATCH" else JSON
+            )
+        query_params = [(k, v) for k, v in (query or {}).items() if v is not None]
+
+        def send() -> bytes:
+            from kubernetes.client.exceptions import ApiException
+
+            client = self.api_client
+            # As the generated methods do: the ApiClient adds its default headers and the
+            # Configuration's credentials (refreshing a token when it has a hook to).
+            serialized = client.param_serialize(
+                method=method,
+                resource_path=path,
+                path_params=dict(path_params or {}),
+                query_params=query_params,
+                header_params=dict(headers),
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            response = client.call_api(*serialized, _request_timeout=self.request_timeout)
             try:
-                data = response.data
+                data: bytes = response.read() or b""
             finally:
-                response.release_conn()
-            loaded = orjson.loads(data) if data else {}
-            return loaded if isinstance(loaded, dict) else {}
+                response.response.release_conn()
+            if not 200 <= response.status <= 299:
+                raise ApiException.from_response(http_resp=response, body=None, data=None)
+            return data
 
-        result: dict[str, Any] = await self.call(what, fetch, *args, **kwargs)
-        return result
+        return await self._run(f"k8s {method} {span_resource(path)}", what, send, retry_policy)
 
-    async def read_pod(self, namespace: str, name: str) -> Any:
-        """The pod, or :class:`NotFound`."""
-        return await self.call(
-            f"get pod {namespace}/{name}", self.core.read_namespaced_pod, name, namespace
+    async def read_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """The pod (its JSON), or :class:`NotFound`."""
+        return await self.request(
+            f"get pod {namespace}/{name}",
+            "GET",
+            POD_PATH,
+            path_params={"namespace": namespace, "name": name},
         )
 
     @contextlib.contextmanager

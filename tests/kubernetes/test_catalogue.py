@@ -310,10 +310,27 @@ def _create(api_client: Any, ns: str, resource: str, name: str) -> None:
     }[resource]()
 
 
+_READERS = {
+    "namespaces": ("core", "namespace", False),
+    "configmaps": ("core", "namespaced_config_map", True),
+    "secrets": ("core", "namespaced_secret", True),
+    "services": ("core", "namespaced_service", True),
+    "serviceaccounts": ("core", "namespaced_service_account", True),
+    "deployments": ("apps", "namespaced_deployment", True),
+    "daemonsets": ("apps", "namespaced_daemon_set", True),
+    "statefulsets": ("apps", "namespaced_stateful_set", True),
+    "replicasets": ("apps", "namespaced_replica_set", True),
+    "roles": ("rbac", "namespaced_role", True),
+    "clusterroles": ("rbac", "cluster_role", False),
+}
+"""ka.target.resource -> (client API group, read_ method stem, namespaced)."""
+
+
 def _read(api_client: Any, ns: str, resource: str, name: str) -> Any | None:
     from actionners.kubernetes import DELETABLE
 
-    group, stem, namespaced, _ = DELETABLE[resource]
+    assert set(DELETABLE) == set(_READERS)
+    group, stem, namespaced = _READERS[resource]
     api = {
         "core": client.CoreV1Api,
         "apps": client.AppsV1Api,

@@ -105,4 +105,4 @@ async def test_execs_running_at_the_same_time_leave_the_shared_client_working(
     assert len(talon.runs) == 24
     bad = [outcomes(run) for run in talon.runs if outcomes(run)[0][1] != "succeeded"]
     assert not bad, bad
-    assert (await kube.read_pod(cluster.ns, "shell")).metadata.labels["marked"] == "yes"
+    assert (await kube.read_pod(cluster.ns, "shell"))["metadata"]["labels"]["marked"] == "yes"
