@@ -819,8 +819,6 @@ def _read_text(path: str) -> str:
 async def _run_in_containers(
     ctx: ActionContext, api: KubeApi, command: str, what: str
 ) -> ActionResult:
-    from kubernetes.stream import stream
-
     pod, target = await pod_of(api, ctx)
     shell = str(ctx.parameters.get("shell", "/bin/sh"))
     timeout = float(ctx.parameters.get("timeout", 20))
@@ -828,30 +826,22 @@ async def _run_in_containers(
     for container in _containers(pod):
 
         def run(container: str = container) -> dict[str, Any]:
-            # A client of its own: stream() swaps its transport while it connects.
-            with api.stream_core() as core:
-                resp = stream(
-                    core.connect_get_namespaced_pod_exec,
-                    target.pod,
-                    target.namespace,
-                    container=container,
-                    command=[shell, "-c", command],
-                    stderr=True,
-                    stdin=False,
-                    stdout=True,
-                    tty=False,
-                    _preload_content=False,
-                    _request_timeout=timeout + 10,  # the socket outlives run_forever's deadline
-                )
-                started = time.monotonic()
-                try:
-                    resp.run_forever(timeout=timeout)
-                    # timeout=0: never wait here for output of a command still running.
-                    out = resp.read_stdout(timeout=0) or ""
-                    err = resp.read_stderr(timeout=0) or ""
-                    code = resp.returncode
-                finally:
-                    resp.close(timeout=1)  # closing the stream makes the kubelet kill it
+            resp = api.open_exec(
+                str(target.namespace),
+                str(target.pod),
+                container,
+                [shell, "-c", command],
+                timeout + 10,  # the socket outlives run_forever's deadline
+            )
+            started = time.monotonic()
+            try:
+                resp.run_forever(timeout=timeout)
+                # timeout=0: never wait here for output of a command still running.
+                out = resp.read_stdout(timeout=0) or ""
+                err = resp.read_stderr(timeout=0) or ""
+                code = resp.returncode
+            finally:
+                resp.close(timeout=1)  # closing the stream makes the kubelet kill it
             return {
                 "stdout": _cut(out),
                 "stderr": _cut(err),

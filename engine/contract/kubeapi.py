@@ -18,8 +18,9 @@ client's ``ApiClient``, so every authentication of its ``Configuration`` (bearer
 client certificate, in-cluster, refreshing tokens) applies, but neither its generated API
 classes nor its pydantic models are loaded: those cost ~100 MB of memory per process
 (``CoreV1Api`` alone imports ~200 model modules). The typed API groups
-(:attr:`KubeApi.core`, ...) are still there, created on first use only; the exec stream
-(:meth:`KubeApi.stream_core`) imports ``CoreV1Api`` when an exec runs.
+(:attr:`KubeApi.core`, ...) are still there, created on first use only (nothing in the
+engine or its plug-ins uses them); the exec stream (:meth:`KubeApi.open_exec`) is serialized
+the same way and opened by the client's websocket code.
 
 The engine's composition root calls :func:`use` with a client built by :func:`connect`
 (``kubeConfig`` setting, else in-cluster, else ``~/.kube/config``); :func:`current` hands
@@ -29,12 +30,11 @@ it to plug-ins.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -383,20 +383,44 @@ class KubeApi:
             path_params={"namespace": namespace, "name": name},
         )
 
-    @contextlib.contextmanager
-    def stream_core(self) -> Iterator[Any]:
-        """A CoreV1Api on an ApiClient of its own (same configuration), for one exec stream.
-        The client library's ``stream()`` swaps the transport of the ApiClient it is given
-        for a websocket while it connects: on the shared client, the other threads' calls
-        would go over a websocket meanwhile, and two streams starting together leave it
-        swapped for good (every later call fails with "Handshake status 200 OK")."""
-        from kubernetes import client
+    def open_exec(
+        self, namespace: str, name: str, container: str, command: list[str], timeout: float
+    ) -> Any:
+        """Open a ``pods/exec`` stream (stdout and stderr, no stdin, no tty) and return the
+        client's websocket (``WSClient``: ``run_forever``, ``read_stdout``, ``returncode``,
+        ``close``). Blocking: call it in the pool (:meth:`run_blocking`). ``timeout``: the
+        socket's. The request is serialized by the shared ``ApiClient`` as the generated
+        ``connect_get_namespaced_pod_exec`` would (same query, auth and headers) and opened
+        by the client's own websocket code, without ``CoreV1Api`` and without swapping the
+        shared client's transport (what the library's ``stream()`` does while it connects);
+        a failure to connect raises the client's ``ApiException`` (status 0), as ``stream()``
+        does."""
+        from kubernetes.stream import ws_client
 
-        api_client = client.ApiClient(self.api_client.configuration)
-        try:
-            yield client.CoreV1Api(api_client)
-        finally:
-            api_client.close()
+        method, url, headers, _, _ = self.api_client.param_serialize(
+            method="GET",
+            resource_path="/api/v1/namespaces/{namespace}/pods/{name}/exec",
+            path_params={"namespace": namespace, "name": name},
+            query_params=[
+                ("command", command),
+                ("container", container),
+                ("stderr", True),
+                ("stdin", False),
+                ("stdout", True),
+                ("tty", False),
+            ],
+            header_params={"Accept": "*/*"},
+            auth_settings=["BearerToken"],
+            collection_formats={"command": "multi"},
+        )
+        return ws_client.websocket_call(
+            self.api_client.configuration,
+            method,
+            url,
+            headers=headers,
+            _request_timeout=timeout,
+            _preload_content=False,
+        )
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run a long blocking client operation (an exec stream) in the pool, no retries."""

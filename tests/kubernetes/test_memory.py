@@ -4,8 +4,9 @@ The official Kubernetes client's generated API classes import the pydantic model
 methods name: ``CoreV1Api`` alone costs ~80 MB of a process's memory, the five classes the
 actionners once used ~100 MB, pushing a server to ~170 MB before its first event. The
 actionners and notifiers speak plain REST instead (``KubeApi.request``); this checks, on a
-real server process with a kubeconfig, that terminating, labelling and reporting with
-Kubernetes Events stays under the project's 100 MB a process.
+real server process with a kubeconfig, that running a command in the pod (``pods/exec``,
+through the test kubelet), labelling, terminating and reporting with Kubernetes Events
+stays under the project's 100 MB a process.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ RULES = """\
   before: true
   continue: true
   action: {name: kubernetes:label, parameters: {labels: {a: b}}}
+- name: forensics
+  before: true
+  continue: true
+  action: {name: kubernetes:exec, parameters: {command: "echo collected"}}
 """
 
 
@@ -61,7 +66,7 @@ def _status_mib(pid: int, field: str) -> float:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def test_a_server_terminating_labelling_and_reporting_on_a_cluster_stays_under_100_mb(
+def test_a_server_executing_labelling_terminating_and_reporting_stays_under_100_mb(
     testenv: TestEnvInfo, cluster: Cluster, tmp_path: Path
 ) -> None:
     rules = tmp_path / "rules.yaml"
@@ -106,22 +111,24 @@ def test_a_server_terminating_labelling_and_reporting_on_a_cluster_stays_under_1
             )
             with urllib.request.urlopen(request, timeout=10) as resp:
                 assert 200 <= resp.status < 300
-        # Done when every pod is gone and each got its two Events (label, terminate).
+        # Done when every pod is gone and each got its three Events (exec, label, terminate).
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             left = cluster.core.list_namespaced_pod(cluster.ns).items
             events = cluster.core.list_namespaced_event(cluster.ns).items
-            if not left and len(events) >= 2 * EVENTS:
+            if not left and len(events) >= 3 * EVENTS:
                 break
             time.sleep(0.2)
         assert [p.metadata.name for p in left] == [], log.read_text()[-2000:]
         reasons = sorted({e.reason for e in events})
-        assert reasons == ["LabelSucceeded", "TerminateSucceeded"], log.read_text()[-2000:]
-        assert len(events) == 2 * EVENTS
+        assert reasons == ["ExecSucceeded", "LabelSucceeded", "TerminateSucceeded"], (
+            log.read_text()[-2000:]
+        )
+        assert len(events) == 3 * EVENTS
         rss, peak = _status_mib(server.pid, "VmRSS"), _status_mib(server.pid, "VmHWM")
         assert peak < LIMIT_MIB, (
             f"falco-talon server peaked at {peak:.0f} MiB (now {rss:.0f} MiB) after "
-            f"{EVENTS} terminate + label events with Kubernetes Events; the limit is "
+            f"{EVENTS} exec + label + terminate events with Kubernetes Events; the limit is "
             f"{LIMIT_MIB} MiB (did something load the client's generated API classes?)"
         )
     finally:
