@@ -17,10 +17,9 @@ method, a path, a query and a JSON body, answered with the API's JSON as plain d
 client's ``ApiClient``, so every authentication of its ``Configuration`` (bearer token,
 client certificate, in-cluster, refreshing tokens) applies, but neither its generated API
 classes nor its pydantic models are loaded: those cost ~100 MB of memory per process
-(``CoreV1Api`` alone imports ~200 model modules). The typed API groups
-(:attr:`KubeApi.core`, ...) are still there, created on first use only (nothing in the
-engine or its plug-ins uses them); the exec stream (:meth:`KubeApi.open_exec`) is serialized
-the same way and opened by the client's websocket code.
+(``CoreV1Api`` alone imports ~200 model modules). The exec stream
+(:meth:`KubeApi.open_exec`) is serialized the same way and opened by the client's websocket
+code.
 
 The engine's composition root calls :func:`use` with a client built by :func:`connect`
 (``kubeConfig`` setting, else in-cluster, else ``~/.kube/config``); :func:`current` hands
@@ -30,7 +29,6 @@ it to plug-ins.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -170,8 +168,8 @@ def span_resource(path: str) -> str:
 
 
 class KubeApi:
-    """The shared client: :meth:`request` to run one REST request safely; the typed API
-    groups (``core``, ``apps``...) and :meth:`call` for what still needs them."""
+    """The shared client: :meth:`request` (:meth:`request_text`) to run one REST request
+    safely, :meth:`open_exec` for an exec stream."""
 
     def __init__(
         self,
@@ -184,63 +182,6 @@ class KubeApi:
         self.retry = retry
         self.request_timeout = request_timeout
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kubeapi")
-
-    # The client's generated API classes, imported and created on first use only: each
-    # imports the pydantic models its methods name (CoreV1Api: ~80 MB of memory).
-    @functools.cached_property
-    def core(self) -> Any:
-        from kubernetes.client.api.core_v1_api import CoreV1Api
-
-        return CoreV1Api(self.api_client)
-
-    @functools.cached_property
-    def apps(self) -> Any:
-        from kubernetes.client.api.apps_v1_api import AppsV1Api
-
-        return AppsV1Api(self.api_client)
-
-    @functools.cached_property
-    def networking(self) -> Any:
-        from kubernetes.client.api.networking_v1_api import NetworkingV1Api
-
-        return NetworkingV1Api(self.api_client)
-
-    @functools.cached_property
-    def rbac(self) -> Any:
-        from kubernetes.client.api.rbac_authorization_v1_api import RbacAuthorizationV1Api
-
-        return RbacAuthorizationV1Api(self.api_client)
-
-    @functools.cached_property
-    def custom(self) -> Any:
-        from kubernetes.client.api.custom_objects_api import CustomObjectsApi
-
-        return CustomObjectsApi(self.api_client)
-
-    async def call(
-        self,
-        what: str,
-        fn: Callable[..., Any],
-        *args: Any,
-        retry_policy: RetryPolicy | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Run ``fn(*args, **kwargs)`` (a method of the client's generated API classes) in the
-        pool with retries; ``what`` names it in errors. ``retry_policy`` replaces the client's
-        own for this call. Plug-ins use :meth:`request` instead, which needs no generated
-        class.
-
-        Returns what ``fn`` returns (the client's model object for a generated method,
-        typed ``Any``: every field of them may be None). Raises :class:`ApiPermanentError`
-        (or a subclass), :class:`ApiTemporaryError` once the retries ran out, or the client's
-        own exception untouched when it is a bug rather than an API answer."""
-        kwargs.setdefault("_request_timeout", self.request_timeout)
-        return await self._run(
-            f"k8s {getattr(fn, '__name__', 'call')}",
-            what,
-            lambda: fn(*args, **kwargs),
-            retry_policy,
-        )
 
     async def _run(
         self,
@@ -300,12 +241,14 @@ class KubeApi:
         (``/api/v1/namespaces/{namespace}/pods/{name}``: each ``{key}`` replaced by
         ``path_params[key]``, URL-quoted), with ``query`` and the JSON ``body``
         (``content_type`` defaults to JSON, and to a strategic merge patch for PATCH);
-        ``what`` names it in errors, as for :meth:`call`.
+        ``what`` names it in errors; ``retry_policy`` replaces the client's own for this
+        call (an eviction is tried once: its 429 is a PodDisruptionBudget's no).
 
         Returns the answer's JSON as plain data, with the API's own (camelCase) keys; an
-        empty dict for an empty answer. Raises as :meth:`call` does (404 :class:`NotFound`,
-        409 :class:`Conflict`, 429/5xx/unreachable :class:`ApiTemporaryError` once the
-        retries ran out)."""
+        empty dict for an empty answer. Raises :class:`ApiPermanentError` with the API's
+        message (404 :class:`NotFound`, 409 :class:`Conflict`), :class:`ApiTemporaryError`
+        (429, 5xx, unreachable) once the retries ran out, or the client's own exception
+        untouched when it is a bug rather than an API answer."""
         data = await self._request(
             what, method, path, path_params, query, body, content_type, retry_policy
         )
@@ -447,7 +390,7 @@ def connect(kubeconfig: str = "", retry: RetryPolicy = API_RETRY) -> KubeApi:
     except (config.ConfigException, OSError, TypeError) as exc:
         where = kubeconfig or "in-cluster or ~/.kube/config"
         raise NotConfigured(f"no usable Kubernetes configuration ({where}): {exc}") from None
-    configuration.retries = False  # KubeApi.call retries, with backoff, itself
+    configuration.retries = False  # KubeApi retries, with backoff, itself
     return KubeApi(client.ApiClient(configuration), retry)
 
 
