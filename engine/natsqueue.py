@@ -71,6 +71,12 @@ THROTTLE_TTL = 86400.0
 CONSUMER = "falco-talon"
 """The durable consumer every replica pulls from."""
 PUBLISH_TIMEOUT = 2.0
+WAIT_FOR_ONE = 1.0
+"""Seconds a consumer's pull of one message waits for an event before pulling again (it
+returns as soon as one is stored)."""
+TAKE_WHAT_IS_THERE = 0.02
+"""Seconds a consumer's pull for its other free workers may take: what the stream holds
+now comes at once; a message stored meanwhile may wait this long in the pull."""
 CONNECT_RETRY = RetryPolicy(attempts=1 << 30, backoff=0.2, max_backoff=5.0, jitter=True)
 """Connecting at start-up: forever (the HTTP side answers 503 meanwhile)."""
 KV_RETRY = RetryPolicy(attempts=20, backoff=0.005, max_backoff=0.1, jitter=True)
@@ -375,34 +381,47 @@ class NatsQueue:
             await slots.acquire()
             if self._stopping:
                 break
-            # One pull for every free worker: what the stream has now, up to that many (a
-            # message per pull made two round trips an event besides the run itself).
-            batch = 1
+            # Wait for one event: a pull of one returns as soon as it is stored. (A pull of
+            # several that finds the stream empty waits for all of them until it expires: the
+            # first event would sit in it for up to a second.)
+            if not await self._pull(sub, slots, 1, WAIT_FOR_ONE):
+                continue
+            # Then what else is stored now, up to the free workers, in one pull (a message
+            # per pull made two round trips an event besides the run itself under load).
+            batch = 0
             while batch < self.workers and not slots.locked():
                 await slots.acquire()
                 batch += 1
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except nats.errors.TimeoutError:
-                msgs = []
-            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                for _ in range(batch):
-                    slots.release()
-                if not self._stopping:
-                    log.warning("NATS fetch failed (%s); retrying", type(exc).__name__)
-                    await asyncio.sleep(0.5)
-                continue
-            for _ in range(batch - len(msgs)):
+            if batch:
+                await self._pull(sub, slots, batch, TAKE_WHAT_IS_THERE)
+
+    async def _pull(self, sub: Any, slots: asyncio.Semaphore, batch: int, timeout: float) -> bool:
+        """Fetch up to ``batch`` messages (``batch`` slots held) and start a run for each
+        (each run gives its slot back); the unused slots are given back. True when a
+        message came."""
+        try:
+            msgs = await sub.fetch(batch, timeout=timeout)
+        except TimeoutError:  # the client's own, or asyncio's (a pull that expired): none
+            msgs = []
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            for _ in range(batch):
                 slots.release()
-            for msg in msgs:
-                task = asyncio.create_task(self._handle_safely(msg))
-                self._runs.add(task)
+            if not self._stopping:
+                log.warning("NATS fetch failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(0.5)
+            return False
+        for _ in range(batch - len(msgs)):
+            slots.release()
+        for msg in msgs:
+            task = asyncio.create_task(self._handle_safely(msg))
+            self._runs.add(task)
 
-                def done(t: asyncio.Task[None]) -> None:
-                    self._runs.discard(t)
-                    slots.release()
+            def done(t: asyncio.Task[None]) -> None:
+                self._runs.discard(t)
+                slots.release()
 
-                task.add_done_callback(done)
+            task.add_done_callback(done)
+        return bool(msgs)
 
     async def _handle_safely(self, msg: Msg) -> None:
         try:

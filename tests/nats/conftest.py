@@ -59,7 +59,15 @@ def post(url: str, event: dict[str, Any], timeout: float = 10.0) -> tuple[int, d
 class Replica:
     """One falco-talon replica process."""
 
-    def __init__(self, workdir: Path, name: str, config: dict[str, Any], rules: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        config: dict[str, Any],
+        rules: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.env = env or {}
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -84,7 +92,7 @@ class Replica:
     def start(self, wait_for: str = "NATS connected") -> Replica:
         self.runs += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the process
-        env = {**os.environ, "TALON_TEST_MARKS": str(self.marks)}
+        env = {**os.environ, "TALON_TEST_MARKS": str(self.marks), **self.env}
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -8,6 +8,9 @@ process, with two test-only actionners registered first (the real registry, no m
 * ``test:unavailable`` fails with a ``TemporaryError`` every time (twice a delivery: its
   own retry), as an action against an API server that stays down would.
 
+``TALON_TEST_WAIT_FOR_ONE``, ``TALON_TEST_TAKE_WHAT_IS_THERE``: seconds a consumer's pulls
+wait (``engine.natsqueue``'s constants of those names).
+
     python -m tests.nats.replica server -c config.yaml -r rules.yaml
 """
 
@@ -64,4 +67,9 @@ def register() -> None:
 
 if __name__ == "__main__":
     register()
+    from engine import natsqueue
+
+    for knob in ("WAIT_FOR_ONE", "TAKE_WHAT_IS_THERE"):  # how long a consumer's pulls wait
+        if os.environ.get(f"TALON_TEST_{knob}"):
+            setattr(natsqueue, knob, float(os.environ[f"TALON_TEST_{knob}"]))
     main()

@@ -60,6 +60,28 @@ def test_2xx_only_once_stored_503_while_nats_is_down_and_nothing_accepted_is_los
     assert all(marks(r.marks)[i] == 1 for i in ids)
 
 
+def test_an_event_reaching_an_idle_replica_runs_at_once_not_when_its_pull_expires(
+    tmp_path: Path, nats_server: TestNats, replicas: list[Replica]
+) -> None:
+    # An idle consumer's pull waits 2 s for an event here (1 s in production), and expires
+    # again and again while the replica idles: each expiry is an empty pull, not a failure
+    # (it was taken for one: a warning and a pause of 0.5 s, ~0.5 s tails on the real node).
+    # A pull that held its first event until it expired (as a pull of several does when the
+    # stream is empty: ~1 s tails on the real node) would keep each event for 2 s.
+    # Its pulls for the other free workers get 0.1 ms here (20 ms in production): each one
+    # after an event expires at once, as they do on a busy node.
+    waits = {"TALON_TEST_WAIT_FOR_ONE": "2", "TALON_TEST_TAKE_WHAT_IS_THERE": "0.0001"}
+    r = Replica(tmp_path, "a", nats_config(nats_server), MARK % 0, env=waits)
+    replicas.append(r.start())
+    for _ in range(3):
+        time.sleep(2.5)  # the consumer idle again: a pull expired, the next one waiting
+        sent = event()
+        assert post(r.url, sent)[0] == 202
+        wait_until(lambda i=sent["uuid"]: r.finished()[i] == 1, 10, "the event to finish")
+    # An empty pull is no failure: nothing logged, no pause before the next pull.
+    assert r.count("NATS fetch failed") == 0, r.log_path.read_text()[-2000:]
+
+
 def test_the_same_event_sent_twice_to_two_replicas_acts_once(
     tmp_path: Path, nats_server: TestNats, replicas: list[Replica]
 ) -> None:
