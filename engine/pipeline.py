@@ -415,8 +415,7 @@ class Pipeline:
         if result.outcome is Outcome.FAILED:
             span.fail(result.reason)
         span.end()
-        if self.metrics is not None:
-            self.metrics.action(actionner, outcome, step.duration)
+        self._count_action(actionner, result.outcome, step.duration)
         level = logging.WARNING if result.outcome is Outcome.FAILED else logging.INFO
         if not elog.isEnabledFor(level):
             return
