@@ -609,11 +609,14 @@ def bench_ingest(
     rules: Path = ROOT / "examples" / "rules.yaml",
     env: dict[str, str] | None = None,
     floor: bool = False,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """``processes``: the server's ``--processes`` (1, a number, or auto); ``rules``: the
     rules file (default: examples/rules.yaml, four rules an event matches, four steps);
     ``env``: more of the server's environment (tracing); ``floor``: measure
-    bench/aiohttp_floor.py instead of falco-talon (``processes`` a number)."""
+    bench/aiohttp_floor.py instead of falco-talon (``processes`` a number); ``others``:
+    more processes (name -> pid) whose cores used during the load are reported (Jaeger).
+    The server's helper processes (the trace export process) are reported apart."""
     port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 - unread; a pipe would fill and stall the server
     server_env = {
@@ -640,6 +643,9 @@ def bench_ingest(
         _wait_port(port)
         pids = _server_pids(server.pid, port)
         template = _distinct_template()
+        helpers = [c for p in pids for c in _children(p) if c not in pids]
+        watched = {"helper_processes": helpers, **{k: [v] for k, v in (others or {}).items()}}
+        watched_before = {k: sum(_cpu_seconds(p) for p in v) for k, v in watched.items()}
         cpu_before = sum(_cpu_seconds(p) for p in pids)
         wrk = shutil.which("wrk")
         if wrk:
@@ -651,6 +657,9 @@ def bench_ingest(
             result = _loadgen(port, seconds, connections, template)
         cores = (sum(_cpu_seconds(p) for p in pids) - cpu_before) / seconds
         result["server_cores_used"] = round(cores, 2)
+        for name, group in watched.items():
+            used = sum(_cpu_seconds(p) for p in group) - watched_before[name]
+            result[f"{name}_cores_used"] = round(used / seconds, 2)
         result["events_per_s_per_core"] = round(result["requests_per_s"] / max(cores, 0.01))
         result["server_processes"] = max(1, len(pids) - 1)
         peaks = [_status_kib(p, "VmHWM") for p in pids]  # the supervisor first, if any
@@ -678,9 +687,13 @@ def bench_ingest_traced() -> dict[str, Any]:
     info = jaeger.start()
     try:
         env = {"OTEL_ENABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": info.otlp_grpc_endpoint}
-        on = bench_ingest(env=env)
+        on = bench_ingest(env=env, others={"jaeger": info.pid})
     finally:
         jaeger.stop()
+
+    def us_per_event(cores: float, result: dict[str, Any]) -> float:
+        return round(cores / result["requests_per_s"] * 1e6, 1)
+
     return {
         "off_events_per_s": off["requests_per_s"],
         "off_p99_ms": off["p99_ms"],
@@ -688,6 +701,12 @@ def bench_ingest_traced() -> dict[str, Any]:
         "jaeger_p99_ms": on["p99_ms"],
         "spans": on.get("spans"),
         "cost_jaeger_pct": round((1 - on["requests_per_s"] / off["requests_per_s"]) * 100, 1),
+        # Where the CPU went, in µs an event: the server process, the export process (OTLP
+        # encoding, sending), Jaeger (receiving, storing); off: the server alone.
+        "off_server_us_per_event": us_per_event(off["server_cores_used"], off),
+        "jaeger_server_us_per_event": us_per_event(on["server_cores_used"], on),
+        "jaeger_export_process_us_per_event": us_per_event(on["helper_processes_cores_used"], on),
+        "jaeger_collector_us_per_event": us_per_event(on["jaeger_cores_used"], on),
     }
 
 
@@ -774,6 +793,19 @@ def _server_pids(pid: int, port: int) -> list[int]:
 def _status_kib(pid: int, field: str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(ln for ln in status.splitlines() if ln.startswith(field + ":")).split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the export process of a server)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -20,7 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -32,7 +32,7 @@ from engine.listener import (
     Guard,
     GuardedSite,
     ListenerConfig,
-    ingest_middleware,
+    guarded_routes,
     listener_setup,
 )
 from engine.natsqueue import HandOff, NatsQueue
@@ -199,24 +199,30 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     )
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error reply has a JSON body, and no exception becomes a bare 500."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _json(
-            exc.status,
-            {"error": exc.reason},
-            headers={k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")},
-        )
-    except ConnectionResetError:
-        raise  # the client left mid-request: nobody to answer (aiohttp closes quietly)
-    except Exception:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
-        return _json(500, {"error": "internal error; see the server log"})
+def json_errors(handler: Handler) -> Handler:
+    """Every error reply has a JSON body, and no exception becomes a bare 500 (a wrapper
+    around each route's handler, not a middleware: see :func:`create_app`)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _json(
+                exc.status,
+                {"error": exc.reason},
+                headers={
+                    k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")
+                },
+            )
+        except ConnectionResetError:
+            raise  # the client left mid-request: nobody to answer (aiohttp closes quietly)
+        except Exception:
+            log.exception("unexpected error handling %s %s", request.method, request.path)
+            return _json(500, {"error": "internal error; see the server log"})
+
+    return answer
 
 
 async def post_event(request: web.Request) -> web.Response:
@@ -328,31 +334,67 @@ def create_app(
 
     ``listener``: the bearer token and the body deadline (``engine.listener``; default: no
     token, 30 s);
-    ``probes=False`` leaves out /healthz and /metrics (served on ``probesPort`` instead)."""
+    ``probes=False`` leaves out /healthz and /metrics (served on ``probesPort`` instead).
+
+    No aiohttp middlewares: each route's handler is wrapped once, here (JSON errors, the
+    listener's checks), and the routes answer what the router would (404, 405 with
+    ``Allow``) themselves, in JSON. A middleware chain costs every request a few calls more,
+    measurable on the ingest path."""
     listener = listener or ListenerConfig()
     _, token = listener_setup(listener, tls=False)
-    ingest = ingest_middleware(
+    guarded = guarded_routes(
         listener, guard or Guard(listener), token, service.metrics.rejected, service.max_body_size
     )
-    middlewares: list[Any] = [json_errors, ingest]
-    app = web.Application(client_max_size=service.max_body_size, middlewares=middlewares)
+    app = web.Application(client_max_size=service.max_body_size)
     app[SERVICE] = service
-    app.router.add_post("/", post_event)
+    routes: dict[str, list[tuple[str, Handler]]] = {"/": [("POST", post_event)]}
     if probes:
-        add_probes(app)
+        routes.update(PROBES)
+    _add_routes(app, routes, lambda handler: json_errors(guarded(handler)))
     return app
 
 
-def add_probes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+PROBES: dict[str, list[tuple[str, Handler]]] = {
+    "/healthz": [("GET", healthz)],
+    "/metrics": [("GET", metrics)],
+}
 
 
-def create_probes_app(service: Service) -> web.Application:
+def _add_routes(
+    app: web.Application,
+    routes: dict[str, list[tuple[str, Handler]]],
+    wrap: Callable[[Handler], Handler],
+) -> None:
+    """``routes`` (path -> method, handler; GET answers HEAD too), each handler wrapped; any
+    other method on those paths 405 with ``Allow``, any other path 404, both in JSON."""
+    for path, handlers in routes.items():
+        allowed = []
+        for method, handler in handlers:
+            if method == "GET":
+                app.router.add_get(path, wrap(handler))  # and HEAD
+                allowed += [method, "HEAD"]
+            else:
+                app.router.add_route(method, path, wrap(handler))
+                allowed.append(method)
+
+        async def not_allowed(request: web.Request, allowed: list[str] = allowed) -> NoReturn:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+        app.router.add_route("*", path, wrap(not_allowed))
+
+    async def not_found(request: web.Request) -> NoReturn:
+        raise web.HTTPNotFound()
+
+    app.router.add_route("*", "/{path:.*}", wrap(not_found))
+
+
+def create_probes_app(service: Service, guard: Guard | None = None) -> web.Application:
     """/healthz and /metrics alone: the probes port (plain HTTP, no token)."""
-    app = web.Application(middlewares=[json_errors])
+    listener = guard.config if guard is not None else ListenerConfig()
+    guarded = guarded_routes(listener, guard or Guard(listener), None, service.metrics.rejected, 0)
+    app = web.Application()
     app[SERVICE] = service
-    add_probes(app)
+    _add_routes(app, PROBES, lambda handler: json_errors(guarded(handler)))
     return app
 
 
@@ -372,12 +414,16 @@ async def serve(
     site = GuardedSite(runner, host, port, guard, certs.context if certs else None)
     await site.start()
     if listener.probes_port:
+        probes_guard = Guard(listener)
         probes = web.AppRunner(
-            create_probes_app(service), access_log=None, handle_signals=False, logger=PROTOCOL_LOG
+            create_probes_app(service, probes_guard),
+            access_log=None,
+            handle_signals=False,
+            logger=PROTOCOL_LOG,
         )
         runners.append(probes)
         await probes.setup()
-        await GuardedSite(probes, host, listener.probes_port, Guard(listener)).start()
+        await GuardedSite(probes, host, listener.probes_port, probes_guard).start()
     log.info(
         "listening",
         extra={

@@ -11,7 +11,7 @@ Part of the engine's contract: actionners read ``output_fields`` from :class:`Fa
 from __future__ import annotations
 
 import json
-import uuid
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,20 @@ def _short(name: str | None) -> str | None:
     return name[:MAX_NAME] + f"... ({len(name)} characters)"
 
 
+_VERSION_4 = (~(0xF000 << 64) & ~(0xC000 << 48), (0x4000 << 64) | (0x8000 << 48))
+
+
+def new_event_id() -> str:
+    """A random (version 4) UUID in its text form: the id of an event sent without one.
+
+    Drawn with ``random.getrandbits`` (seeded by the OS, re-seeded in each forked process)
+    rather than ``uuid.uuid4()``: an event id must be unique, not secret, and ``uuid4`` costs
+    a system call and a ``UUID`` object on every event (~6 µs against ~1)."""
+    clear, version = _VERSION_4
+    h = f"{random.getrandbits(128) & clear | version:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def field_text(value: FieldValue) -> str | None:
     """A field value as Falco prints it: ints without a decimal point, booleans as
     ``true``/``false``, lists as ``(a,b)``; None (null) stays None."""
@@ -84,7 +98,7 @@ class FalcoEvent:
     output: str = ""
     time: str = ""
     tags: tuple[str, ...] = ()
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_event_id)
     id_given: bool = False
     """True when the sender gave the id (Falcosidekick's ``uuid``); False: made up here."""
     level: Priority | None = None
@@ -108,11 +122,15 @@ class FalcoEvent:
         return Target(pod=pod or None, namespace=ns or None)
 
     def field(self, key: str) -> str | None:
-        """The value of ``output_fields[key]`` as text, None when absent or null."""
+        """The value of ``output_fields[key]`` as text, None when absent or null (each
+        field turned into text once, when first asked for: most events are asked for two)."""
         texts = self._texts
         if texts is None:
-            texts = self._texts = {k: field_text(v) for k, v in self.output_fields.items()}
-        return texts.get(key)
+            texts = self._texts = {}
+        elif key in texts:
+            return texts[key]
+        text = texts[key] = field_text(self.output_fields.get(key))
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """The event in Falco's JSON shape (plus ``uuid``)."""
@@ -214,7 +232,7 @@ def event_from_dict(data: dict[str, Any]) -> FalcoEvent:
         output=data.get("output") or "",
         time=data.get("time") or "",
         tags=tuple(data.get("tags") or ()),
-        id=data.get("uuid") or str(uuid.uuid4()),
+        id=data.get("uuid") or new_event_id(),
         id_given=bool(data.get("uuid")),
     )
 

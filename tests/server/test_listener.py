@@ -379,6 +379,7 @@ async def test_the_probes_port_serves_health_and_metrics_in_plain_http_beside_mu
             assert r.status == 200 and "falco_talon" in await r.text()
         async with session.post(f"http://127.0.0.1:{probes}/", json=FALCO_EVENT) as r:
             assert r.status == 404  # no ingest on the probes port
+            assert await r.json() == {"error": "Not Found"}
         ctx = client_context(ca, falco)
         async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=ctx) as r:
             assert r.status == 404  # the event port serves POST / only
@@ -387,6 +388,42 @@ async def test_the_probes_port_serves_health_and_metrics_in_plain_http_beside_mu
             f"https://127.0.0.1:{port}/", FALCO_EVENT, headers=headers, ssl_ctx=ctx
         )
         assert status == 202
+
+
+async def test_the_probes_port_times_out_a_trickled_head_on_a_kept_alive_connection(
+    running: Running,
+) -> None:
+    """The head timer is re-armed for each request on the probes port too, not only for the
+    first one of a connection."""
+    probes = free_port()
+    async with running(ListenerConfig(header_timeout=0.3, probes_port=probes)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", probes)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: talon\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        t0 = time.monotonic()
+
+        async def feed() -> None:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: talon\r\n":  # never ends its head
+                if reader.at_eof():
+                    return
+                try:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                except ConnectionError:
+                    return
+                await asyncio.sleep(0.1)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            reply = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            feeder.cancel()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 408 ") and b"headerTimeout" in reply
+        assert time.monotonic() - t0 < 2
 
 
 # -- slow clients ----------------------------------------------------------------------------

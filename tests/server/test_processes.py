@@ -228,6 +228,26 @@ def test_both_server_processes_take_connections_and_handle_events(
     assert {(h["processes"], h["process"]) for h in health} == {(2, 1), (2, 2)}
 
 
+def test_events_sent_without_a_uuid_get_distinct_v4_ids_from_both_processes(
+    talons: Callable[..., Talon],
+) -> None:
+    """The ids made up for events without a ``uuid`` are random version-4 UUIDs, and two
+    forked server processes never make up the same ones (each draws its own sequence)."""
+    talon = talons(MARK % 0).start()
+    ids = []
+    for n in range(60):
+        sent = event(output=f"shell {n}")
+        del sent["uuid"]
+        status, reply = talon.once("POST", "/", sent)
+        assert status == 202
+        ids.append(reply["id"])
+    poll(lambda: len(talon.marked()) == 60)
+    assert sorted(talon.marked()) == sorted(ids)
+    assert {r["process"] for r in talon.lines("test:mark succeeded")} == {1, 2}
+    assert len(set(ids)) == 60
+    assert {(uuid.UUID(i).version, str(uuid.UUID(i))) == (4, i) for i in ids} == {True}
+
+
 def test_the_same_event_sent_to_both_processes_acts_once(talons: Callable[..., Talon]) -> None:
     talon = talons(MARK % 0).start()
     one, other = talon.one_connection_each().values()

@@ -239,19 +239,37 @@ async def test_healthz_answers_200_with_a_small_json_body(make_client: ClientFac
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "status", "error"),
+    ("method", "path", "status", "error", "allow"),
     [
-        ("GET", "/", 405, "Method Not Allowed"),
-        ("POST", "/events", 404, "Not Found"),
+        ("GET", "/", 405, "Method Not Allowed", "POST"),
+        ("DELETE", "/", 405, "Method Not Allowed", "POST"),
+        ("POST", "/healthz", 405, "Method Not Allowed", "GET,HEAD"),
+        ("PUT", "/metrics", 405, "Method Not Allowed", "GET,HEAD"),
+        ("POST", "/events", 404, "Not Found", None),
+        ("GET", "/healthz/more", 404, "Not Found", None),
     ],
 )
 async def test_other_routes_get_json_errors(
-    make_client: ClientFactory, method: str, path: str, status: int, error: str
+    make_client: ClientFactory,
+    method: str,
+    path: str,
+    status: int,
+    error: str,
+    allow: str | None,
 ) -> None:
     client, _ = await make_client()
     resp = await client.request(method, path)
     assert resp.status == status
     assert await resp.json() == {"error": error}
+    assert resp.headers.get("Allow") == allow
+
+
+async def test_head_on_the_probes_answers_like_get_without_a_body(
+    make_client: ClientFactory,
+) -> None:
+    client, _ = await make_client()
+    resp = await client.head("/healthz")
+    assert resp.status == 200 and await resp.read() == b""
 
 
 async def test_many_concurrent_events_are_all_processed(
