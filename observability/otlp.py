@@ -77,34 +77,55 @@ def _any_value(value: Any) -> bytes:
     return _string(1, bounded(value if isinstance(value, str) else str(value)))
 
 
-_KV_CACHE: dict[tuple[int, str, Any, type], bytes] = {}
+_KV_CACHE: dict[tuple[Any, ...], bytes] = {}
 _KV_CACHE_SIZE = 65536
+"""Encoded entries kept for reuse: most attributes repeat from span to span (an event's id
+on each of its spans) and from event to event (rule, action, outcome, priority, host).
+Emptied when full, so values seen once (outputs, ids) never crowd out the repeating ones
+for long."""
+
+_KEY_NAMES: dict[str, bytes] = {}
+"""``KeyValue.key`` (field 1) encoded, by recorded name (``talon__rule``): a few dozen."""
+
+_ENTRY_TAGS = {field: _key(field, 2) for field in (1, 3, 9)}
+"""The tag of a KeyValue entry in a Resource (1), a span event (3), a span (9)."""
 
 
 def _key_value(field: int, key: str, value: Any) -> bytes:
-    data = _bytes(field, _string(1, attribute_name(key)) + _bytes(2, _any_value(value)))
-    return data
+    name = _KEY_NAMES.get(key)
+    if name is None:
+        name = _KEY_NAMES[key] = _string(1, attribute_name(key))
+    if type(value) is str:
+        text = bounded(value).encode("utf-8", "replace")
+        any_value = b"\x0a" + _varint(len(text)) + text  # AnyValue.string_value
+    else:
+        any_value = _any_value(value)
+    entry = name + b"\x12" + _varint(len(any_value)) + any_value  # KeyValue.value
+    return (_ENTRY_TAGS.get(field) or _key(field, 2)) + _varint(len(entry)) + entry
 
 
 def _attributes(field: int, attributes: Mapping[str, Any]) -> bytes:
     """KeyValue entries; ``talon__rule`` names become ``talon.rule``; None values are left out.
-
-    Most attributes repeat from event to event (rule, action, outcome, priority, host), so
-    their encoding is cached."""
+    Entries are cached (:data:`_KV_CACHE`), lists excepted."""
     out = []
     cache = _KV_CACHE
     for k, v in attributes.items():
-        if v is None:
+        kind = type(v)
+        if kind is str:
+            ck: tuple[Any, ...] = (field, k, v)
+        elif v is None:
             continue
-        if isinstance(v, list):
+        elif kind is list or kind is tuple:
             out.append(_key_value(field, k, v))
             continue
-        ck = (field, k, v, type(v))
+        else:  # the type too: True == 1, yet they encode differently
+            ck = (field, k, v, kind)
         data = cache.get(ck)
         if data is None:
             data = _key_value(field, k, v)
-            if len(cache) < _KV_CACHE_SIZE:
-                cache[ck] = data
+            if len(cache) >= _KV_CACHE_SIZE:
+                cache.clear()
+            cache[ck] = data
         out.append(data)
     return b"".join(out)
 

@@ -4,11 +4,14 @@ SDK's own encoder would say about the same spans."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.trace import SpanKind
 
+from observability import otlp
 from observability.otlp import encode_request, encode_resource
 from observability.resource import resource_attributes
 from observability.rows import to_row
@@ -86,3 +89,28 @@ def test_our_encoding_decodes_to_the_same_spans_as_the_sdk_encoding() -> None:
     assert service["k8s.pod.name"] == "t-0"
     assert mine[1].status.code == 2 and mine[1].status.message == "boom"  # ERROR
     assert len({kv.key: kv for kv in mine[1].attributes}["falco.output"].value.string_value) == 256
+
+
+def test_repeated_and_look_alike_values_keep_their_types_as_the_entry_cache_fills(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Entries are cached by value: True, 1, 1.0 and "1" (equal or alike as Python values)
+    must still encode as a bool, an int, a double and a string, and a cache that fills up
+    and is emptied must not change what is written."""
+    monkeypatch.setattr(otlp, "_KV_CACHE_SIZE", 5)
+    monkeypatch.setattr(otlp, "_KV_CACHE", {})
+    now = time.time_ns()
+    values: list[Any] = [True, 1, 1.0, "1", False, 0, *[f"id-{n}" for n in range(12)]]
+    spans = [
+        SpanRecord("s", n + 1, None, now, SpanKind.INTERNAL, now + 1, {"v": v, "w": v})
+        for n, v in enumerate(values * 2)
+    ]
+    request = ExportTraceServiceRequest.FromString(
+        encode_request([to_row(7, None, r) for r in spans], encode_resource({}))
+    )
+    decoded = request.resource_spans[0].scope_spans[0].spans
+    kinds = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value"}
+    for span, value in zip(decoded, values * 2, strict=True):
+        for kv in span.attributes:
+            assert kv.value.WhichOneof("value") == kinds[type(value)]
+            assert getattr(kv.value, kinds[type(value)]) == value
