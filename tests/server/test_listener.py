@@ -390,48 +390,19 @@ async def test_the_probes_port_serves_health_and_metrics_in_plain_http_beside_mu
         assert status == 202
 
 
-async def test_the_probes_port_times_out_a_trickled_head_on_a_kept_alive_connection(
-    running: Running,
-) -> None:
-    """The head timer is re-armed for each request on the probes port too, not only for the
-    first one of a connection."""
-    probes = free_port()
-    async with running(ListenerConfig(header_timeout=0.3, probes_port=probes)):
-        reader, writer = await asyncio.open_connection("127.0.0.1", probes)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: talon\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 200 ")
-        length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-        await reader.readexactly(length)
-        t0 = time.monotonic()
-
-        async def feed() -> None:
-            for byte in b"GET /healthz HTTP/1.1\r\nHost: talon\r\n":  # never ends its head
-                if reader.at_eof():
-                    return
-                try:
-                    writer.write(bytes([byte]))
-                    await writer.drain()
-                except ConnectionError:
-                    return
-                await asyncio.sleep(0.1)
-
-        feeder = asyncio.create_task(feed())
-        try:
-            reply = await asyncio.wait_for(reader.read(), 5)
-        finally:
-            feeder.cancel()
-        writer.close()
-        assert reply.startswith(b"HTTP/1.1 408 ") and b"headerTimeout" in reply
-        assert time.monotonic() - t0 < 2
-
-
 # -- slow clients ----------------------------------------------------------------------------
 
 
-async def trickle(port: int, data: bytes, every: float) -> tuple[bytes, float]:
-    """Send ``data`` one byte per ``every`` seconds; what came back and when it closed."""
+async def trickle(port: int, data: bytes, every: float, first: bytes = b"") -> tuple[bytes, float]:
+    """Send ``data`` one byte per ``every`` seconds; what came back and when it closed.
+    ``first``: a whole request sent before, on the same connection, its reply read first."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if first:
+        writer.write(first)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = re.search(rb"Content-Length: (\d+)", head, re.I)
+        await reader.readexactly(int(length.group(1)) if length else 0)
     start = time.monotonic()
 
     async def feed() -> None:
@@ -469,6 +440,19 @@ async def test_a_client_trickling_its_headers_is_closed_and_others_are_served(
             assert reply.startswith(b"HTTP/1.1 408 ")
             assert b"headerTimeout" in reply
             assert took < 2
+
+
+async def test_the_probes_port_times_out_a_trickled_head_on_a_kept_alive_connection(
+    running: Running,
+) -> None:
+    """The head timer is re-armed for each request on the probes port too, not only for the
+    first one of a connection."""
+    probes = free_port()
+    health = b"GET /healthz HTTP/1.1\r\nHost: talon\r\n"
+    async with running(ListenerConfig(header_timeout=0.3, probes_port=probes)):
+        reply, took = await trickle(probes, health, 0.1, first=health + b"\r\n")
+        assert reply.startswith(b"HTTP/1.1 408 ") and b"headerTimeout" in reply
+        assert took < 2
 
 
 async def test_a_client_that_connects_and_sends_nothing_is_closed(running: Running) -> None:
