@@ -46,10 +46,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class _MalformedRequests(logging.Filter):
     """aiohttp logs each malformed request (a bad request line, header or chunk: 400 before
     any handler) as an ERROR with a traceback quoting the client's bytes; hostile clients
-    would flood the log. One info line, without their bytes, says enough."""
+    would flood the log. One info line, without their bytes, says enough. The rest of a body
+    that failed to decode, which aiohttp drains after the handler answered 400, is a debug
+    line, not an "Unhandled exception"."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError):
+            # the rest of a body that failed to decode, drained by aiohttp after the reply
+            # (the handler already answered 400): nothing unhandled, nothing to add
+            record.msg = "unread rest of a request body dropped (%s)"
+            record.args = (str(exc).splitlines()[-1].strip()[:200] or type(exc).__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         if isinstance(exc, HttpProcessingError):
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             record.msg = "malformed request from %s refused with %d (%s)"
@@ -270,24 +280,29 @@ class _JsonProtocolErrors(RequestHandler):
     bad request line, header, chunk or Content-Encoding) have a JSON body like every other
     reply, naming the problem without quoting the client's bytes."""
 
-    reading: Any = None
-    """The body the running handler is reading (the route guard sets it)."""
+    open_body: Any = None
+    """The body of the last request parsed, which may still be arriving."""
 
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)
         super().data_received(data)
-        body = self.reading
-        if body is None or body.is_eof() or len(self._messages) <= queued:
-            return
-        error = self._messages[-1][0]
-        if isinstance(error, _ErrInfo):
-            # The body's bytes did not decode (a Content-Encoding it is not in), after its
-            # head had gone to the handler: aiohttp queues a 400 for *after* that request
-            # and leaves its body open, so the handler would wait for the rest until
-            # bodyTimeout (found by the fuzzer, one request in ten). Fail the body instead.
-            body.set_exception(
-                RequestPayloadError("it does not decode as its Content-Encoding says")
-            )
+        messages = self._messages
+        for n in range(queued - len(messages), 0):  # what this call queued, in order
+            message, payload = messages[n]
+            if not isinstance(message, _ErrInfo):
+                self.open_body = payload
+                continue
+            body, self.open_body = self.open_body, None
+            if body is not None and not body.is_eof():
+                # The body's bytes did not decode (a Content-Encoding it is not in), after
+                # its head had been parsed: aiohttp queues a 400 for *after* that request and
+                # leaves its body open, so the handler would wait for the rest until
+                # bodyTimeout (found by the fuzzer). Fail the body instead, whether or not
+                # the handler has started reading it (with ``Expect: 100-continue`` it may
+                # not have yet).
+                body.set_exception(
+                    RequestPayloadError("it does not decode as its Content-Encoding says")
+                )
 
     def handle_error(
         self,
@@ -444,8 +459,6 @@ def guarded_routes(
                         return refused
                 return await handler(request)
             finally:
-                if isinstance(request.protocol, _JsonProtocolErrors):
-                    request.protocol.reading = None
                 guard.request_done(request)
 
         return guarded
@@ -465,9 +478,6 @@ def guarded_routes(
         length = request.content_length
         if not request.can_read_body or (length is not None and length > max_body_size):
             return None  # the handler answers (413 names the limit)
-        protocol = request.protocol
-        if isinstance(protocol, _JsonProtocolErrors):
-            protocol.reading = request.content
         try:
             if request.content.is_eof():
                 # the whole body came with the head: nothing to wait for, no timer
