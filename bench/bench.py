@@ -44,6 +44,7 @@ from engine.matcher import Matcher  # noqa: E402
 from engine.pipeline import Pipeline  # noqa: E402
 from engine.plugins import load_plugins  # noqa: E402
 from engine.rules import RuleSet, RulesLoader  # noqa: E402
+from tests.env.talon import start_server  # noqa: E402
 
 PRIORITIES = [
     "Debug",
@@ -560,32 +561,6 @@ def bench_memory() -> dict[str, Any]:
     marks = asyncio.run(go())
     marks["growth_kib_10k_to_100k"] = marks["rss_kib_after_100000"] - marks["rss_kib_after_10000"]
     return marks
-
-
-def start_server(
-    rules: Path, port: int, env: dict[str, str], log: Any, *flags: str
-) -> subprocess.Popen[bytes]:
-    """``falco-talon server`` with examples/config.yaml; stderr to ``log`` (never a pipe
-    nobody reads: it would fill and stall the server)."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "server",
-            "-c",
-            str(ROOT / "examples" / "config.yaml"),
-            "-r",
-            str(rules),
-            "--listen-port",
-            str(port),
-            *flags,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
 
 
 def free_port() -> int:

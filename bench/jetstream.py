@@ -47,6 +47,7 @@ def _replicas(
     """A nats-server of its own and :data:`REPLICAS` servers sharing it; yields the
     nats-server process and each replica's (port, process) once each has stored an event."""
     from tests.env.natsserver import TestNats
+    from tests.env.talon import start_server
 
     state = Path(tempfile.mkdtemp(prefix="falco-talon-bench-nats-"))
     nats = TestNats(state)
@@ -55,7 +56,7 @@ def _replicas(
     try:
         for _ in range(REPLICAS):
             port = bench.free_port()
-            proc = bench.start_server(rules, port, {**env, "NATS_URL": url}, log, *flags)
+            proc = start_server(rules, port, {**env, "NATS_URL": url}, log, *flags)
             servers.append((port, proc))
         for port, _ in servers:
             bench._wait_port(port)

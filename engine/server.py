@@ -350,7 +350,7 @@ def create_app(
     routes: dict[str, list[tuple[str, Handler]]] = {"/": [("POST", post_event)]}
     if probes:
         routes.update(PROBES)
-    _add_routes(app, routes, lambda handler: json_errors(guarded(handler)))
+    _add_routes(app, routes, guarded)
     return app
 
 
@@ -363,10 +363,15 @@ PROBES: dict[str, list[tuple[str, Handler]]] = {
 def _add_routes(
     app: web.Application,
     routes: dict[str, list[tuple[str, Handler]]],
-    wrap: Callable[[Handler], Handler],
+    guarded: Callable[[Handler], Handler],
 ) -> None:
-    """``routes`` (path -> method, handler; GET answers HEAD too), each handler wrapped; any
-    other method on those paths 405 with ``Allow``, any other path 404, both in JSON."""
+    """``routes`` (path -> method, handler; GET answers HEAD too), each handler wrapped in
+    ``guarded`` (the listener's checks) and :func:`json_errors`; any other method on those
+    paths 405 with ``Allow``, any other path 404, both in JSON."""
+
+    def wrap(handler: Handler) -> Handler:
+        return json_errors(guarded(handler))
+
     for path, handlers in routes.items():
         allowed = []
         for method, handler in handlers:
@@ -394,7 +399,7 @@ def create_probes_app(service: Service, guard: Guard | None = None) -> web.Appli
     guarded = guarded_routes(listener, guard or Guard(listener), None, service.metrics.rejected, 0)
     app = web.Application()
     app[SERVICE] = service
-    _add_routes(app, PROBES, lambda handler: json_errors(guarded(handler)))
+    _add_routes(app, PROBES, guarded)
     return app
 
 

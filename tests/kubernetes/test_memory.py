@@ -15,17 +15,16 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
+from tests.env.talon import start_server
 from tests.env.testenv import TestEnvInfo
 from tests.kubernetes.conftest import Cluster
 from tests.kubernetes.harness import event_for
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT_MIB = 100
 EVENTS = 30
 RULES = """\
@@ -81,24 +80,7 @@ def test_a_server_executing_labelling_terminating_and_reporting_stays_under_100_
         "DEFAULTNOTIFIERS": "k8sevents",
     }
     with log.open("wb") as out:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine",
-                "server",
-                "-c",
-                str(ROOT / "examples" / "config.yaml"),
-                "-r",
-                str(rules),
-                "--listen-port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )
+        server = start_server(rules, port, env, out)
     try:
         _wait_port(port, server, log)
         pods = [f"mem-{i}" for i in range(EVENTS)]
