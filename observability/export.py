@@ -5,12 +5,14 @@ reports each batch's fate back (the parent logs failures and counts spans in
 
 from __future__ import annotations
 
+import io
 import pickle
 import signal
 from collections.abc import Mapping
 from typing import Any
 
 from observability.otlp import OtlpSender, encode_request, encode_resource
+from observability.rows import TraceRows
 from observability.settings import TracingSettings
 
 
@@ -20,8 +22,9 @@ def export_main(
     """Read batches until end of stream (an empty message or a closed pipe), send each,
     put ``(spans, None)`` or ``(spans, why it failed)`` on ``reports`` for each.
 
-    A batch is at most the processor's ``max_batch`` spans (``observability.processor``),
-    so each becomes one request as it is."""
+    A batch is the pickles of a few events' :data:`~observability.rows.TraceRows`, one
+    after the other, about the processor's ``max_batch`` spans in all
+    (``observability.processor``): each batch becomes one request as it is."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     sender = OtlpSender(settings)
     encoded_resource = encode_resource(resource)
@@ -33,7 +36,18 @@ def export_main(
                 break
             if not data:
                 break
-            rows = pickle.loads(data)  # our own pipe, from our own parent
-            reports.put((len(rows), sender.send(encode_request(rows, encoded_resource))))
+            traces = unpickle_all(data)
+            spans = sum(len(rows) for _, _, rows in traces)
+            reports.put((spans, sender.send(encode_request(traces, encoded_resource))))
     finally:
         sender.close()
+
+
+def unpickle_all(data: bytes) -> list[TraceRows]:
+    """The objects pickled one after the other in ``data`` (our own pipe, from our own
+    parent)."""
+    stream = io.BytesIO(data)
+    out = []
+    while stream.tell() < len(data):
+        out.append(pickle.load(stream))  # a new unpickler each: each pickle has its own memo
+    return out

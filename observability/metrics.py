@@ -117,7 +117,7 @@ class Metrics:
         self.events_rejected = Counter(
             "falco_talon_events_rejected",
             "Requests refused, by reason (invalid, too_large, queue_full, shutting_down, "
-            "queue_unavailable).",
+            "queue_unavailable, unauthorized, body_timeout).",
             ["reason"],
             registry=r,
         )

@@ -27,7 +27,7 @@ from typing import Any
 
 from engine.contract.retry import TRANSIENT_HTTP_STATUSES, Retried, RetryPolicy, retry
 from observability.attributes import attribute_name, bounded
-from observability.rows import Row
+from observability.rows import Row, TraceRows
 from observability.settings import TracingSettings
 
 EXPORT_RETRY = RetryPolicy(attempts=4, backoff=0.5)
@@ -153,23 +153,12 @@ def _name(name: str) -> bytes:
     return data
 
 
-def encode_span(row: Row) -> bytes:
-    (
-        trace_id,
-        _remote,
-        name,
-        span_id,
-        parent_id,
-        start_ns,
-        end_ns,
-        kind,
-        attributes,
-        events,
-        error,
-    ) = row
+def encode_span(trace_id: bytes, row: Row) -> bytes:
+    """One ``Span`` message: ``row`` of the trace whose 16-byte id is ``trace_id``."""
+    name, span_id, parent_id, start_ns, end_ns, kind, attributes, events, error = row
     out = [
         _TRACE_ID,
-        trace_id.to_bytes(16, "big"),
+        trace_id,
         _SPAN_ID,
         span_id.to_bytes(8, "big"),
     ]
@@ -184,7 +173,7 @@ def encode_span(row: Row) -> bytes:
         _pack_q(end_ns),
         _attributes(9, attributes),
     )
-    for event_name, ts, event_attributes in events:
+    for event_name, ts, event_attributes in events or ():
         out.append(
             _bytes(11, _fixed64(1, ts) + _string(2, event_name) + _attributes(3, event_attributes))
         )
@@ -198,9 +187,16 @@ def encode_resource(attributes: Mapping[str, Any]) -> bytes:
     return _attributes(1, attributes)
 
 
-def encode_request(rows: Iterable[Row], resource: bytes, scope: str = "falco-talon") -> bytes:
-    """An ``ExportTraceServiceRequest`` holding ``rows`` under one resource and scope."""
-    spans = b"".join([_bytes(2, encode_span(r)) for r in rows])
+def encode_request(
+    traces: Iterable[TraceRows], resource: bytes, scope: str = "falco-talon"
+) -> bytes:
+    """An ``ExportTraceServiceRequest`` holding the spans of ``traces`` under one resource
+    and scope."""
+    out = []
+    for trace_id, _remote, rows in traces:
+        tid = trace_id.to_bytes(16, "big")
+        out += [_bytes(2, encode_span(tid, r)) for r in rows]
+    spans = b"".join(out)
     scope_spans = _bytes(1, _string(1, scope)) + spans
     resource_spans = _bytes(1, resource) + _bytes(2, scope_spans)
     return _bytes(1, resource_spans)

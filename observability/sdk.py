@@ -35,7 +35,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from observability.attributes import otel_attributes
 from observability.outcomes import Outcomes
-from observability.rows import to_row
+from observability.rows import Row, row_of
 from observability.settings import TracingSettings
 from observability.spans import SpanRecord, Trace
 
@@ -51,22 +51,11 @@ class Converter:
         self.scope = InstrumentationScope("falco-talon")
 
     def __call__(self, trace_id: int, remote_parent: int | None, r: SpanRecord) -> ReadableSpan:
-        return self.row(*to_row(trace_id, remote_parent, r))
+        return self.row(trace_id, remote_parent, row_of(r))
 
-    def row(
-        self,
-        trace_id: int,
-        remote_parent: int | None,
-        name: str,
-        span_id: int,
-        parent_id: int | None,
-        start_ns: int,
-        end_ns: int,
-        kind: int,
-        attributes: dict[str, Any],
-        events: list[tuple[str, int, dict[str, Any]]],
-        error: str | None,
-    ) -> ReadableSpan:
+    def row(self, trace_id: int, remote_parent: int | None, row: Row) -> ReadableSpan:
+        """A :data:`~observability.rows.Row` of the trace ``trace_id`` as a ReadableSpan."""
+        name, span_id, parent_id, start_ns, end_ns, kind, attributes, events, error = row
         flags = TraceFlags(TraceFlags.SAMPLED)
         return ReadableSpan(
             name=name,
@@ -78,7 +67,7 @@ class Converter:
             ),
             resource=self.resource,
             attributes=otel_attributes(attributes),
-            events=[Event(n, otel_attributes(attrs), ts) for n, ts, attrs in events],
+            events=[Event(n, otel_attributes(attrs), ts) for n, ts, attrs in events or ()],
             kind=SpanKind(kind),
             status=Status(StatusCode.ERROR, error) if error is not None else Status(),
             start_time=start_ns,
@@ -213,15 +202,10 @@ class SdkProcessor:
     def submit(self, trace: Trace) -> None:
         """Hand the trace's finished spans to the span processors (the spans still open
         stay on the trace), as the SDK does when a span ends."""
-        remaining = []
         convert, on_end = self.convert, self._on_end
-        for record in trace.spans:
-            if record.end_ns:
-                on_end(convert(trace.trace_id, trace.remote_parent, record))
-                self.shipped += 1
-            else:
-                remaining.append(record)
-        trace.spans = remaining
+        for record in trace.take_finished():
+            on_end(convert(trace.trace_id, trace.remote_parent, record))
+            self.shipped += 1
 
     def start(self) -> None:
         return None  # the BatchSpanProcessors run their threads from the start

@@ -1,14 +1,19 @@
 """Where batches of finished spans go (the transport side of the builtin path; batching is
 ``observability.processor``'s job).
 
-:class:`ProcessSink` is the one production uses: it pickles each batch, as plain rows, to
-the export process (``observability.export``), which encodes OTLP and sends it; encoding
-costs more than handling the event, and a process of its own does it on another core
-instead of under this process's GIL. The export process reports each batch back: failures
-are logged here, in this process's log format, and every span is counted
-(:class:`Outcomes`, ``falco_talon_spans_total``). :class:`ExporterSink` hands batches to an
-SDK ``SpanExporter`` object in the processor's thread (tests); :class:`RowSink` does the
-same work as :class:`ProcessSink` and discards the result (``make bench``).
+A sink says how an event's finished spans are encoded for it (:meth:`Sink.encode`, called
+on the event loop's thread as the event ends) and sends batches of those encodings (from
+the processor's thread).
+
+:class:`ProcessSink` is the one production uses: each event's spans as plain rows, pickled,
+sent in batches to the export process (``observability.export``), which encodes OTLP and
+sends it; OTLP encoding costs more than handling the event, and a process of its own does
+it on another core instead of under this process's GIL. The export process reports each
+batch back: failures are logged here, in this process's log format, and every span is
+counted (:class:`Outcomes`, ``falco_talon_spans_total``). :class:`ExporterSink` converts
+each event's spans to SDK spans and hands batches to an SDK ``SpanExporter`` object in the
+processor's thread (tests); :class:`RowSink` does the same work as :class:`ProcessSink` and
+discards the result (``make bench``).
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from typing import Any
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from observability.outcomes import Outcomes
-from observability.rows import Item, to_row
+from observability.rows import row_of
 from observability.sdk import Converter
 from observability.settings import TracingSettings
+from observability.spans import SpanRecord
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 class Sink:
@@ -38,7 +46,13 @@ class Sink:
     def start(self) -> None:
         return None
 
-    def send(self, batch: list[Item]) -> None:
+    def encode(self, trace_id: int, remote_parent: int | None, spans: list[SpanRecord]) -> Any:
+        """One event's finished spans as this sink sends them (on the event's thread)."""
+        raise NotImplementedError
+
+    def send(self, batch: list[Any], spans: int) -> None:
+        """Send a batch of :meth:`encode` results, ``spans`` spans in all (from the
+        processor's thread)."""
         raise NotImplementedError
 
     def poll(self) -> None:
@@ -57,23 +71,27 @@ class ExporterSink(Sink):
         self.exporter = exporter
         self.convert = Converter(resource)
 
-    def send(self, batch: list[Item]) -> None:
-        result = self.exporter.export([self.convert(*item) for item in batch])
+    def encode(self, trace_id: int, remote_parent: int | None, spans: list[SpanRecord]) -> Any:
+        return [self.convert(trace_id, remote_parent, r) for r in spans]
+
+    def send(self, batch: list[Any], spans: int) -> None:
+        result = self.exporter.export([span for converted in batch for span in converted])
         failed = result is not SpanExportResult.SUCCESS
-        self.outcomes.report(len(batch), "the exporter reported a failure" if failed else None)
+        self.outcomes.report(spans, "the exporter reported a failure" if failed else None)
 
     def close(self) -> None:
         self.exporter.shutdown()
 
 
 class RowSink(Sink):
-    """Turns a batch into the plain rows the export process receives, pickled."""
+    """Each event's spans as the plain rows the export process receives, pickled
+    (:data:`~observability.rows.TraceRows`); a batch is their pickles one after the other."""
 
-    def encode(self, batch: list[Item]) -> bytes:
-        return pickle.dumps([to_row(*item) for item in batch], protocol=pickle.HIGHEST_PROTOCOL)
+    def encode(self, trace_id: int, remote_parent: int | None, spans: list[SpanRecord]) -> bytes:
+        return pickle.dumps((trace_id, remote_parent, list(map(row_of, spans))), _PROTOCOL)
 
-    def send(self, batch: list[Item]) -> None:
-        self.encode(batch)
+    def send(self, batch: list[Any], spans: int) -> None:
+        b"".join(batch)
 
 
 class ProcessSink(RowSink):
@@ -104,11 +122,11 @@ class ProcessSink(RowSink):
         reader.close()
         self._conn = writer
 
-    def send(self, batch: list[Item]) -> None:
+    def send(self, batch: list[Any], spans: int) -> None:
         if self._process is None or not self._process.is_alive():
             raise RuntimeError("the trace export process is not running")
-        self._conn.send_bytes(self.encode(batch))
-        self._sent += len(batch)
+        self._conn.send_bytes(b"".join(batch))
+        self._sent += spans
 
     def poll(self) -> None:
         while self._reports is not None:

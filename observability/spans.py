@@ -22,6 +22,7 @@ from observability.attributes import MAX_ATTRIBUTE_LENGTH
 
 _bits = random.getrandbits
 _now = time.time_ns
+_INTERNAL = SpanKind.INTERNAL.value
 
 
 class SpanRecord:
@@ -46,7 +47,7 @@ class SpanRecord:
         span_id: int,
         parent_id: int | None,
         start_ns: int,
-        kind: SpanKind = SpanKind.INTERNAL,
+        kind: int = _INTERNAL,
         end_ns: int = 0,
         attributes: dict[str, Any] | None = None,
         events: list[tuple[str, int, dict[str, Any]]] | None = None,
@@ -57,6 +58,7 @@ class SpanRecord:
         self.parent_id = parent_id
         self.start_ns = start_ns
         self.kind = kind
+        """The SDK's ``SpanKind`` value (an int: rows carry it as is)."""
         self.end_ns = end_ns
         self.attributes: dict[str, Any] = {} if attributes is None else attributes
         self.events: list[tuple[str, int, dict[str, Any]]] | None = events
@@ -138,7 +140,7 @@ class Trace:
         name: str,
         parent: SpanRecord | None = None,
         *,
-        kind: SpanKind = SpanKind.INTERNAL,
+        kind: SpanKind | None = None,
         **attributes: Any,
     ) -> SpanRecord:
         if not self.sampled:
@@ -148,12 +150,19 @@ class Trace:
             _bits(64) or 1,
             parent.span_id if parent is not None else self.remote_parent,
             _now(),
-            kind,
+            _INTERNAL if kind is None else kind.value,
             0,
             attributes,
         )
         self.spans.append(record)
         return record
+
+    def take_finished(self) -> list[SpanRecord]:
+        """The spans that have ended, taken off the trace (those still open stay)."""
+        spans = self.spans
+        done = [r for r in spans if r.end_ns]
+        self.spans = [r for r in spans if not r.end_ns] if len(done) < len(spans) else []
+        return done
 
 
 NO_TRACE = Trace(0, sampled=False)

@@ -4,7 +4,9 @@
   each actionner's and notifier's own RBAC rules, which the ClusterRole template unites;
 - ``$defs`` ``config``, ``nats``, ``rule``, ``match`` and ``action`` of
   ``charts/falco-talon/values.schema.json``: copies of ``schemas/config.schema.json`` (less
-  ``kubeConfig``, ``rulesFile`` and ``nats``, which the chart sets), of its ``nats`` section
+  ``kubeConfig``, ``rulesFile`` and ``nats``, which the chart sets, and less the Falco Talon
+  v0.3 spellings: the chart writes today's, and a v0.3 spelling beside the chart's own key
+  would stop the server), of its ``nats`` section
   (less the credentials, which the chart takes from Secrets: the values' ``nats`` refers to
   it) and of ``schemas/rules.schema.json``, so ``helm install`` rejects what the server would.
 
@@ -58,16 +60,35 @@ def declarations_text() -> str:
     return DECLARATIONS_HEADER + cli_declarations()
 
 
+V03_SPELLING = "Falco Talon v0.3"
+"""How the config schema's description of a v0.3 key (``rules_files``, ``otel.collector_port``)
+begins."""
+
+
+def without_v03_spellings(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` without the properties, at any depth, that are Falco Talon v0.3 keys."""
+    out = {k: v for k, v in schema.items() if k != "properties"}
+    if "properties" in schema:
+        out["properties"] = {
+            k: without_v03_spellings(v) if isinstance(v, dict) else v
+            for k, v in schema["properties"].items()
+            if not str(v.get("description", "")).startswith(V03_SPELLING)
+        }
+    return out
+
+
 def schema_defs() -> dict[str, Any]:
-    config = json.loads((ROOT / "schemas" / "config.schema.json").read_text())
+    config = without_v03_spellings(
+        json.loads((ROOT / "schemas" / "config.schema.json").read_text())
+    )
     rules = json.loads((ROOT / "schemas" / "rules.schema.json").read_text())
     config_def = {k: v for k, v in config.items() if k not in ("$schema", "$id", "title")}
     config_def["properties"] = {
         k: v for k, v in config_def["properties"].items() if k not in CHART_OWNED_CONFIG_KEYS
     }
     config_def["description"] = (
-        "falco-talon's configuration (schemas/config.schema.json); kubeConfig, rulesFile and "
-        "nats are set by the chart."
+        "falco-talon's configuration (schemas/config.schema.json) in today's spellings; "
+        "kubeConfig, rulesFile and nats are set by the chart."
     )
     nats = copy.deepcopy(config["properties"]["nats"])
     nats["properties"] = {

@@ -253,6 +253,11 @@ def test_the_termination_grace_period_covers_the_shutdown_timeout(
     [
         ("config.dryrun=true", "dryrun"),
         ("config.kubeConfig=/root/.kube/config", "kubeConfig"),
+        # Falco Talon v0.3 spellings: the chart writes today's (logFormat is in its values),
+        # and the server refuses a key given in both spellings.
+        ("config.log_format=text", "log_format"),
+        ("config.rules_files=/rules", "rules_files"),
+        ("config.otel.collector_port=4317", "collector_port"),
         ("config.nats.url=nats://nats:4222", "nats"),  # the chart's: from the values' nats
         ("config.logFormat=xml", "logFormat"),
         ("config.notifiers.slack.webhook=https://x", "webhook"),

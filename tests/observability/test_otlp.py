@@ -9,14 +9,16 @@ from typing import Any
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.trace import SpanKind
 
 from observability import otlp
+from observability.export import unpickle_all
 from observability.otlp import encode_request, encode_resource
 from observability.resource import resource_attributes
-from observability.rows import to_row
 from observability.sdk import Converter
 from observability.settings import TracingSettings
+from observability.sinks import RowSink
 from observability.spans import SpanRecord
 
 ATTRIBUTES = {
@@ -31,17 +33,30 @@ ATTRIBUTES = {
 }
 
 
+def as_the_export_process_gets(*traces: tuple[int, int | None, list[SpanRecord]]) -> Any:
+    """The traces as the server pickles them, one after the other in a batch, read back
+    as the export process reads them."""
+    sink = RowSink()
+    return unpickle_all(b"".join(sink.encode(*trace) for trace in traces))
+
+
 def records() -> list[SpanRecord]:
     now = time.time_ns()
     root = SpanRecord(
-        "POST /", 0x1234, 0xABCD, now, SpanKind.SERVER, now + 10, {"http__request__method": "POST"}
+        "POST /",
+        0x1234,
+        0xABCD,
+        now,
+        SpanKind.SERVER.value,
+        now + 10,
+        {"http__request__method": "POST"},
     )
     state = SpanRecord(
         "actions",
         0x5678,
         0x1234,
         now + 1,
-        SpanKind.INTERNAL,
+        SpanKind.INTERNAL.value,
         now + 9,
         dict(ATTRIBUTES),
         [("step skipped", now + 2, {"talon__reason": "superseded"})],
@@ -55,7 +70,9 @@ def test_our_encoding_decodes_to_the_same_spans_as_the_sdk_encoding() -> None:
     spans = records()
     resource = resource_attributes(TracingSettings(resource_attributes={"k8s.pod.name": "t-0"}))
     ours = ExportTraceServiceRequest.FromString(
-        encode_request([to_row(trace_id, remote, r) for r in spans], encode_resource(resource))
+        encode_request(
+            as_the_export_process_gets((trace_id, remote, spans)), encode_resource(resource)
+        )
     )
     convert = Converter(resource)
     theirs = encode_spans([convert(trace_id, remote, r) for r in spans])
@@ -102,11 +119,11 @@ def test_repeated_and_look_alike_values_keep_their_types_as_the_entry_cache_fill
     now = time.time_ns()
     values: list[Any] = [True, 1, 1.0, "1", False, 0, *[f"id-{n}" for n in range(12)]]
     spans = [
-        SpanRecord("s", n + 1, None, now, SpanKind.INTERNAL, now + 1, {"v": v, "w": v})
+        SpanRecord("s", n + 1, None, now, SpanKind.INTERNAL.value, now + 1, {"v": v, "w": v})
         for n, v in enumerate(values * 2)
     ]
     request = ExportTraceServiceRequest.FromString(
-        encode_request([to_row(7, None, r) for r in spans], encode_resource({}))
+        encode_request(as_the_export_process_gets((7, None, spans)), encode_resource({}))
     )
     decoded = request.resource_spans[0].scope_spans[0].spans
     kinds = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value"}
@@ -114,3 +131,43 @@ def test_repeated_and_look_alike_values_keep_their_types_as_the_entry_cache_fill
         for kv in span.attributes:
             assert kv.value.WhichOneof("value") == kinds[type(value)]
             assert getattr(kv.value, kinds[type(value)]) == value
+
+
+def test_a_batch_of_several_events_is_one_request_holding_each_events_spans() -> None:
+    """The server pickles each event's spans as the event ends and sends a batch of them
+    as one message: the export process reads every event back, in order, and each span
+    keeps its own trace id, parent (the remote parent of a continued trace too) and
+    attributes (an event's id on each of its spans: one object, pickled once an event)."""
+    now = time.time_ns()
+    traces = []
+    for n in range(3):
+        event_id = f"event-{n}"
+        root = SpanRecord(
+            "POST /", 100 + n, 50 if n == 1 else None, now, 1, now + 5, {"id": event_id}
+        )
+        state = SpanRecord(
+            "received", 200 + n, 100 + n, now + 1, 0, now + 4, {"id": event_id, "i": n}
+        )
+        traces.append((0xABC0 + n, 50 if n == 1 else None, [root, state]))
+    request = ExportTraceServiceRequest.FromString(
+        encode_request(as_the_export_process_gets(*traces), encode_resource({}))
+    )
+    decoded = request.resource_spans[0].scope_spans[0].spans
+    assert [
+        (int.from_bytes(s.trace_id, "big"), int.from_bytes(s.span_id, "big"), s.name)
+        for s in decoded
+    ] == [
+        (0xABC0 + n, span_id + n, name)
+        for n in range(3)
+        for span_id, name in ((100, "POST /"), (200, "received"))
+    ]
+    assert [int.from_bytes(s.parent_span_id, "big") for s in decoded] == [0, 100, 50, 101, 0, 102]
+    assert decoded[0].kind == 2 and decoded[1].kind == 1  # SERVER, INTERNAL (proto = SDK + 1)
+    assert [{kv.key: kv.value for kv in s.attributes} for s in decoded] == [
+        attributes
+        for n in range(3)
+        for attributes in (
+            {"id": AnyValue(string_value=f"event-{n}")},
+            {"id": AnyValue(string_value=f"event-{n}"), "i": AnyValue(int_value=n)},
+        )
+    ]

@@ -1,6 +1,11 @@
 """The OTLP sender retries transient failures through the shared retry policy, and never
 raises: a span export that fails is reported (the parent logs and counts it), not an error
-of the event."""
+of the event.
+
+Stand-in: the sender's one network call (``_send_once``) is replaced by a function raising
+the given errors in turn, because no real collector answers a 503, then a reset, then a
+success on cue. The real transports (gRPC and HTTP, TLS, gzip, a collector that is down)
+are tested against a real Jaeger in ``test_traces.py`` and ``test_otel_env.py``."""
 
 from __future__ import annotations
 

@@ -72,8 +72,11 @@ def test_flushing_from_two_threads_ships_every_span_once() -> None:
     received: list[int] = []
 
     class Collect(Sink):
-        def send(self, batch: list[Any]) -> None:
-            received.extend(record.span_id for _, _, record in batch)
+        def encode(self, trace_id: int, remote: int | None, spans: list[Any]) -> Any:
+            return [record.span_id for record in spans]
+
+        def send(self, batch: list[Any], spans: int) -> None:
+            received.extend(span_id for ids in batch for span_id in ids)
 
     processor = BatchProcessor(Collect(), max_batch=7)
     sent = 0
