@@ -64,8 +64,14 @@ class BatchProcessor:
         spans = trace.take_finished()
         if not spans or self.sink is None:
             return
+        try:
+            encoded = self.sink.encode(trace.trace_id, trace.remote_parent, spans)
+        except Exception:  # a value that cannot be pickled: lose these spans, not the event
+            log.exception("encoding %d span(s) for export failed", len(spans))
+            self.failed += len(spans)
+            return
         queue = self._queue
-        queue.append((len(spans), self.sink.encode(trace.trace_id, trace.remote_parent, spans)))
+        queue.append((len(spans), encoded))
         self._submitted += len(spans)
         while self._submitted - self._taken - self.dropped > self._max_queue and queue:
             dropped, _ = queue.popleft()

@@ -101,3 +101,34 @@ def test_flushing_from_two_threads_ships_every_span_once() -> None:
     assert errors == []
     assert len(received) == sent == len(set(received))
     assert processor.shipped == sent
+
+
+def test_a_span_value_that_cannot_be_encoded_loses_its_spans_not_the_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Spans are pickled as their event ends, on the event's own thread: a value that cannot
+    be pickled (a plug-in's object set on its span) must not raise into the request or the
+    run. Those spans are counted failed and logged; the next event's spans still leave."""
+    from observability.processor import BatchProcessor
+    from observability.sinks import RowSink
+    from observability.spans import Trace
+
+    shipped: list[bytes] = []
+
+    class Keep(RowSink):
+        def send(self, batch: list[Any], spans: int) -> None:
+            shipped.extend(batch)
+
+    processor = BatchProcessor(Keep())
+    bad = Trace(1, sampled=True)
+    span = bad.start("kubernetes:label")
+    span.set(talon__thing=lambda: None)  # no pickle for a lambda
+    span.end()
+    processor.submit(bad)  # does not raise
+    good = Trace(2, sampled=True)
+    good.start("received").end()
+    processor.submit(good)
+    processor.flush()
+    assert processor.counts()["failed"] == 1
+    assert processor.shipped == 1 and len(shipped) == 1
+    assert "encoding 1 span(s) for export failed" in caplog.text
