@@ -37,8 +37,9 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 class Sink:
-    """Where batches of finished spans go, from the processor's thread. Subclass to measure
-    or to test."""
+    """How an event's finished spans are encoded (:meth:`encode`, on the event's thread) and
+    where batches of them go (:meth:`send`, from the processor's thread). Subclass to
+    measure or to test."""
 
     def __init__(self, where: str = "") -> None:
         self.outcomes = Outcomes(where)
