@@ -1,5 +1,6 @@
-# falco-talon: the two commands a newcomer needs are `make run` and `make test`.
-# Everything else here is what those two call. Python deps come from uv.lock, exactly.
+# falco-talon: the two commands a newcomer needs are `make run` and `make test`; the other
+# targets are for development (bench, schemas, images, the local clusters). Python deps come
+# from uv.lock, exactly.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -78,7 +79,8 @@ fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# OCI archives built from Debian packages + uv.lock, cached by content; last line = archive path.
+# OCI archives (image/README.md: falco-talon from Debian packages + uv.lock; the demo workload;
+# NATS: the static nats-server on an empty base), cached by content; last line = archive path.
 image:
 	@bash image/build.sh talon
 

@@ -42,7 +42,8 @@ log = logging.getLogger("falco_talon")
 
 
 def _common(func: F) -> F:
-    """``-c/--config`` and ``-r/--rules`` on every command (also accepted before it)."""
+    """``-c/--config`` and ``-r/--rules`` on the commands that read them (server, check,
+    rules print, explain, test, rbac; also accepted before the command)."""
     func = click.option(
         "-r",
         "--rules",
@@ -157,14 +158,18 @@ def _prepared(
     actionners, notifiers = load_plugins()
     loader = RulesLoader(actionners, notifiers)
     ruleset = loader.load(settings.rules.files)
-    used = {n for r in ruleset.rules for n in r.notifiers}
-    check_notifiers(settings, notifiers, used)
+    check_notifiers(settings, notifiers, _notifiers_of(ruleset))
     if processes.current() is None:
         log.info(
             "effective configuration",
             extra={"fields": {"config": json.dumps(redacted(settings, notifiers), default=str)}},
         )
     return actionners, notifiers, loader, ruleset
+
+
+def _notifiers_of(ruleset: RuleSet) -> set[str]:
+    """The notifiers the rules name (``check_notifiers`` adds ``defaultNotifiers``)."""
+    return {n for r in ruleset.rules for n in r.notifiers}
 
 
 def _check(settings: Settings) -> None:
@@ -231,7 +236,13 @@ async def _serve(settings: Settings) -> None:
     )
     watcher = None
     if settings.rules.watch:
-        watcher = RulesWatcher(settings.rules.files, loader, ruleset, pipeline.set_rules)
+        watcher = RulesWatcher(
+            settings.rules.files,
+            loader,
+            ruleset,
+            pipeline.set_rules,
+            check=lambda new: check_notifiers(settings, notifiers, _notifiers_of(new)),
+        )
     service = Service(
         pipeline,
         queue_size=s.queue_size,
@@ -328,7 +339,7 @@ def check(ctx: click.Context, config: str | None, rules: tuple[str, ...]) -> Non
     _, notifiers = load_plugins()
     if settings is not None:
         try:
-            check_notifiers(settings, notifiers, {n for r in ruleset.rules for n in r.notifiers})
+            check_notifiers(settings, notifiers, _notifiers_of(ruleset))
         except ConfigError as exc:
             _fail(str(exc))
     click.echo(f"{len(ruleset.rules)} rule(s) in {len(ruleset.files)} file(s): valid")

@@ -248,7 +248,7 @@ class EventRun:
         return [s for s in self.steps if s.temporary]
 
     def summary(self) -> dict[str, Any]:
-        """The run record as JSON-able data (``explain -o json`` and logs)."""
+        """The run record as JSON-able data (``explain -o json``)."""
         notifiers: dict[str, list[str]] = {}
         for step in self.steps:
             if step.outcome is not Outcome.SKIPPED or step.ran:

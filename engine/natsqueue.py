@@ -364,8 +364,9 @@ class NatsQueue:
     # -- consuming -------------------------------------------------------------------------------
 
     async def start(self, pipeline: Pipeline) -> None:
-        """Connect in the background and run ``workers`` consumers once connected; a
-        token or TLS file that cannot be read fails here."""
+        """Connect in the background, then consume: one task pulling from the durable
+        consumer, running at most ``workers`` events at a time; a token or TLS file that
+        cannot be read fails here."""
         self._connect_options()
         self._pipeline = pipeline
         self._tasks = [asyncio.create_task(self._consume(), name="nats-consumer")]

@@ -186,7 +186,8 @@ class Pipeline:
     ) -> None:
         self.compiled = CompiledRules.of(rules)
         self.throttler = throttler if throttler is not None else Throttler()
-        """Applies the rules' ``throttle`` (in memory unless NATS shares the counts)."""
+        """Applies the rules' ``throttle`` (counts in memory, in the shared-memory file of
+        several server processes, or in NATS's key-value bucket shared by replicas)."""
         self.print_all_events = print_all_events
         """``printAllEvents``: log unmatched events at info level too."""
         self.actionners = actionners

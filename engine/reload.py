@@ -13,7 +13,9 @@ the server writing its log beside its rules cannot feed the watcher. A burst of 
 
 A reload reads every file and compares the :func:`~engine.rules.checksum` of their
 content with the serving rules': the same content (a ``touch``) changes nothing and logs
-nothing. New content is validated like ``falco-talon check``; valid, it replaces the
+nothing. New content is validated as at start-up (``falco-talon check -c``): the schema,
+the actionners and their parameters, and every notifier a rule names installed and
+configured (the ``check`` the server passes); valid, it replaces the
 serving rules (``rules reloaded``); invalid, it is rejected with every error and the
 previous rules keep serving. A rejection is logged once per distinct content: saving the
 same broken file again says nothing more. ``falco_talon_rules_reloads_total{result}``
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import watchfiles
 
+from engine.contract.errors import ConfigError
 from engine.rules import RuleSet, RulesInvalid, RulesLoader, checksum, read_sources
 from observability.metrics import Metrics
 
@@ -87,6 +90,7 @@ class RulesWatcher:
         debounce_ms: int = 400,
         force_polling: bool | None = None,
         metrics: Metrics | None = None,
+        check: Callable[[RuleSet], None] | None = None,
     ) -> None:
         self.paths = list(paths)
         self.rules_paths = RulesPaths(self.paths)
@@ -99,6 +103,9 @@ class RulesWatcher:
         self.force_polling = force_polling
         self.metrics = metrics
         """Where reloads are counted (the service sets its own when None)."""
+        self.check = check
+        """What new rules must also satisfy to serve, as at start-up (raises ConfigError:
+        the server's, every notifier a rule names is configured)."""
         self.reloads = 0
         """Rule sets applied since start."""
         self.rejected = 0
@@ -155,7 +162,9 @@ class RulesWatcher:
             return False  # the same broken content: rejected and said so already
         try:
             ruleset = self.loader.load_texts(sources, read_errors)
-        except RulesInvalid as exc:
+            if self.check is not None:
+                self.check(ruleset)
+        except (RulesInvalid, ConfigError) as exc:
             self._rejected_checksum = content
             self.rejected += 1
             self._count("rejected")

@@ -12,9 +12,10 @@ Position in the flow: HTTP -> **deduplication** -> queue -> ... -> **throttle** 
   target (pod / workload / node) fits in the window. The counts live in a
   :class:`CounterStore`: :class:`MemoryCounters` in one process (``engine.shared`` when
   several processes share the port), a JetStream key-value
-  bucket when NATS is configured (``engine.natsqueue``), so replicas share them. One
-  algorithm for both: a sliding log of the times actions were allowed, per key, updated
-  with compare-and-set.
+  bucket when NATS is configured (``engine.natsqueue``), so replicas share them. Each keeps,
+  per key, the times actions were allowed in the window (a sliding log): in memory as a
+  list, in NATS updated with compare-and-set, in shared memory as 8 (time, count) records
+  under an ``flock`` (``engine.shared``: exact for ``max`` up to 8).
 """
 
 from __future__ import annotations

@@ -176,7 +176,9 @@ def send(api_client: client.ApiClient, event_file: str, url: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["setup", "status", "send"])
     parser.add_argument("event", nargs="?", help="send: the event file")
     parser.add_argument("--kubeconfig", required=True)

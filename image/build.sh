@@ -76,7 +76,7 @@ REF=docker.io/falcosecurity/$NAME:$TAG
 inputs_hash() {
     {
         echo "$KIND $SUITE $VARIANT $BASE_PACKAGES $RUN_UID"
-        sha256sum "$ROOT/image/build.sh" "$ROOT/image/purge.py"
+        sha256sum "$ROOT/image/build.sh" "$ROOT/image/purge.py" "$ROOT/image/split_requirements.py"
         if [[ $KIND == nats ]]; then
             echo "$TAG"
             sha256sum <"$NATS_BIN"
@@ -116,8 +116,8 @@ started=$(date +%s)
 assemble() {
     B=(buildah --root "$CACHE/buildah/root" --runroot "$CACHE/buildah/runroot" --storage-driver overlay)
     revision=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
-    if [[ $KIND == talon && -n $(git -C "$ROOT" status --porcelain -- pyproject.toml uv.lock engine \
-        actionners notifiers observability schemas image 2>/dev/null) ]]; then
+    if [[ $KIND == talon && -n $(git -C "$ROOT" status --porcelain -- pyproject.toml uv.lock \
+        README.md engine actionners notifiers observability schemas image 2>/dev/null) ]]; then
         revision=$revision-dirty
     fi
     source_url=$(git -C "$ROOT" remote get-url origin 2>/dev/null | sed 's/\.git$//' || true)

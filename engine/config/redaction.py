@@ -1,6 +1,6 @@
-"""Secrets: notifier settings a notifier declares secret, and keys marked ``secret`` (the
-``otel`` headers). They are never printed: not in error messages, not in the effective
-config ``falco-talon config`` shows, not in logs."""
+"""Secrets: notifier settings a notifier declares secret, and keys marked ``secret``
+(``otel.headers``, ``auth.token``, ``nats.token``). They are never printed: not in error
+messages, not in the effective configuration logged at start-up, not in logs."""
 
 from __future__ import annotations
 

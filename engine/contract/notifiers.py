@@ -26,7 +26,8 @@ class Notification:
     action: str
     """The actionner name (``kubernetes:terminate``)."""
     stage: str
-    """``before-actions`` or ``actions``."""
+    """Where the step ran: ``before-actions``, ``actions`` or ``chain`` (a v0.3 rule's
+    action); for an event given up with no step, the state its run ended in."""
     result: ActionResult
     trace_id: str = ""
     """The event's trace id (32 hex digits)."""

@@ -369,3 +369,36 @@ def test_a_server_logging_into_its_rules_directory_reloads_only_on_rules_changes
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_reload_naming_a_notifier_that_is_not_configured_is_refused_as_at_start_up(
+    tmp_path: Path,
+) -> None:
+    """Start-up refuses rules naming a notifier the config does not set up (slack without
+    its webhook); a reload to such rules is refused the same way, naming what to add, and
+    the serving rules stay (before, the reload was applied and the notifications failed)."""
+    rules, config, log = tmp_path / "rules.yaml", tmp_path / "cfg.yaml", tmp_path / "srv.log"
+    rules.write_text(SERVER_RULES)
+    port = free_port()
+    config.write_text(
+        f"listenAddress: 127.0.0.1\nlistenPort: {port}\nwatchRules: true\ndryRun: true\n"
+        "logFormat: text\ndefaultNotifiers: []\n"
+    )
+    exe = Path(sys.executable).with_name("falco-talon")
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(exe), "server", "-c", str(config), "-r", str(rules)], stdout=out, stderr=out
+        )
+    try:
+        poll(lambda: "listening" in log.read_text())
+        first = json.loads(get(port, "/healthz"))["rules_checksum"]
+        rules.write_text(SERVER_RULES + "  notifiers: [slack]\n")
+        poll(lambda: "rules reload rejected" in log.read_text())
+        text = log.read_text()
+        assert "notifier 'slack' is used but not configured: add notifiers.slack" in text
+        assert "rules reloaded" not in text
+        assert json.loads(get(port, "/healthz"))["rules_checksum"] == first
+        assert 'falco_talon_rules_reloads_total{result="rejected"} 1.0' in get(port, "/metrics")
+    finally:
+        server.terminate()
+        server.wait(30)
