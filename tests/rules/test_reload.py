@@ -314,16 +314,23 @@ def get(port: int, path: str) -> str:
         return str(resp.read().decode())
 
 
-def test_a_server_logging_into_its_rules_directory_reloads_only_on_rules_changes(
-    tmp_path: Path,
-) -> None:
+def server_files(tmp_path: Path, extra_config: str = "") -> tuple[Path, Path, Path, int]:
+    """(rules, config, log, port) of a dry-run server watching its rules, text logs; the
+    rules hold SERVER_RULES."""
     rules, config, log = tmp_path / "rules.yaml", tmp_path / "cfg.yaml", tmp_path / "srv.log"
     rules.write_text(SERVER_RULES)
     port = free_port()
     config.write_text(
         f"listenAddress: 127.0.0.1\nlistenPort: {port}\nwatchRules: true\ndryRun: true\n"
-        "logFormat: text\n"
+        f"logFormat: text\n{extra_config}"
     )
+    return rules, config, log, port
+
+
+def test_a_server_logging_into_its_rules_directory_reloads_only_on_rules_changes(
+    tmp_path: Path,
+) -> None:
+    rules, config, log, port = server_files(tmp_path)
     exe = Path(sys.executable).with_name("falco-talon")
     # Exactly what a new user types: the shell sends stdout and stderr to a file beside the rules.
     cmd = f"exec {shlex.quote(str(exe))} server -c {config} -r {rules} > {log} 2>&1"
@@ -377,13 +384,7 @@ def test_a_reload_naming_a_notifier_that_is_not_configured_is_refused_as_at_star
     """Start-up refuses rules naming a notifier the config does not set up (slack without
     its webhook); a reload to such rules is refused the same way, naming what to add, and
     the serving rules stay (before, the reload was applied and the notifications failed)."""
-    rules, config, log = tmp_path / "rules.yaml", tmp_path / "cfg.yaml", tmp_path / "srv.log"
-    rules.write_text(SERVER_RULES)
-    port = free_port()
-    config.write_text(
-        f"listenAddress: 127.0.0.1\nlistenPort: {port}\nwatchRules: true\ndryRun: true\n"
-        "logFormat: text\ndefaultNotifiers: []\n"
-    )
+    rules, config, log, port = server_files(tmp_path, "defaultNotifiers: []\n")
     exe = Path(sys.executable).with_name("falco-talon")
     with log.open("wb") as out:
         server = subprocess.Popen(
