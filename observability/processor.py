@@ -73,14 +73,15 @@ class BatchProcessor:
         queue = self._queue
         queue.append((len(spans), encoded))
         self._submitted += len(spans)
-        while self._submitted - self._taken - self.dropped > self._max_queue and queue:
+        while self._waiting() > self._max_queue and queue:
             dropped, _ = queue.popleft()
             self.dropped += dropped
-        if (
-            self._submitted - self._taken - self.dropped >= self._max_batch
-            and not self._wake.is_set()
-        ):
+        if self._waiting() >= self._max_batch and not self._wake.is_set():
             self._wake.set()
+
+    def _waiting(self) -> int:
+        """Spans in the queue."""
+        return self._submitted - self._taken - self.dropped
 
     def start(self) -> None:
         if self.sink is not None and self._thread is None:
